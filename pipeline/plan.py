@@ -1,0 +1,130 @@
+"""Orderings -> a trie of nodes. Validates every ordering before any work starts.
+
+A node is a prefix of an ordering; orderings that share a prefix share its nodes, so the prefix runs once.
+The base model is the root node `base`. A node's name is its chain of stage configs joined by '-'.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .config import Params, PeftCfg
+
+HARMA = "quantizing before pruning loses quality (Harma et al. 2024, arXiv 2405.20935)"
+
+
+class PlanError(ValueError):
+    """An invalid ordering: one line naming the ordering, the position and a fix."""
+
+
+@dataclass(frozen=True)
+class State:
+    """What the model is after a node: the ordering rules are checks on this."""
+
+    quant: str | None = None          # None (fp) | "nf4" | "gptq"
+    sparse: bool = False
+    lora: bool = False                # unmerged LoRA present
+    modules: tuple[str, ...] = ()     # adapter / prompt modules present (kept through merges)
+    merged: bool = False
+    quantized_before: bool = False    # for the Harma flag
+
+    def describe(self) -> str:
+        parts = [self.quant or "fp"]
+        if self.sparse:
+            parts.append("sparse")
+        peft = (("lora",) if self.lora else ()) + self.modules
+        if peft:
+            parts.append("+" + "+".join(peft))
+        if self.merged:
+            parts.append("merged")
+        return " ".join(parts)
+
+
+def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
+    """Apply one stage to a state. Raises ValueError(reason; fix); returns (new state, flag or None)."""
+    flag = None
+    if kind == "prune":
+        if state.quant:
+            raise ValueError(f"cannot prune a {state.quant} model; put a peft+merge (which dequantizes) before it, or prune before quantizing")
+        if state.lora:
+            raise ValueError("cannot prune under unmerged LoRA; put a merge stage before it")
+        if state.quantized_before:
+            flag = HARMA
+        return replace(state, sparse=True), flag
+    if kind in ("quantize", "ptq"):
+        if state.quant:
+            raise ValueError(f"the model is already {state.quant}; put a peft+merge (which dequantizes) before it")
+        if state.lora:
+            raise ValueError("cannot quantize under unmerged LoRA; put a merge stage before it")
+        if kind == "quantize" and (state.modules or state.merged):
+            raise ValueError("quantize is for the base model; after peft/merge use a ptq stage")
+        return replace(state, quant=cfg.method, quantized_before=True), flag
+    if kind == "peft":
+        if state.lora or state.modules:
+            raise ValueError("the model already has PEFT modules (two peft stages on one model); merge is not enough, drop one peft stage")
+        if state.quant == "gptq":
+            raise ValueError("PEFT over a GPTQ base is not supported yet; use an nf4 quantize stage for QLoRA")
+        assert isinstance(cfg, PeftCfg)
+        return replace(state, lora="lora" in cfg.methods, modules=tuple(m for m in cfg.methods if m != "lora")), flag
+    if kind == "merge":
+        if not (state.lora or state.modules) or state.merged:
+            raise ValueError("nothing to merge: no peft stage since the last merge; add a peft stage before it or remove the merge")
+        return replace(state, lora=False, quant=None, merged=True), flag
+    raise ValueError(f"unknown stage kind {kind!r}")
+
+
+@dataclass
+class Node:
+    chain: tuple[str, ...]
+    state: State
+    orderings: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return "-".join(self.chain) if self.chain else "base"
+
+    @property
+    def parent(self) -> str | None:
+        if not self.chain:
+            return None
+        return "-".join(self.chain[:-1]) if len(self.chain) > 1 else "base"
+
+    @property
+    def config(self) -> str | None:
+        return self.chain[-1] if self.chain else None
+
+
+@dataclass
+class Plan:
+    nodes: dict[str, Node]           # topological: every parent before its children
+    leaves: dict[str, str]           # ordering -> leaf node name
+
+    def children(self, name: str) -> list[Node]:
+        return [n for n in self.nodes.values() if n.parent == name]
+
+    def subtree(self, name: str) -> list[str]:
+        prefix = self.nodes[name].chain
+        return [n.name for n in self.nodes.values() if n.chain[: len(prefix)] == prefix]
+
+
+def build_plan(params: Params) -> Plan:
+    root = Node((), State())
+    nodes: dict[str, Node] = {"base": root}
+    leaves: dict[str, str] = {}
+    for oname, chain in params.orderings.items():
+        state, node = State(), root
+        for pos, cname in enumerate(chain, start=1):
+            cfg = params.stages[cname]
+            try:
+                state, flag = advance(state, cfg.kind, cfg)
+            except ValueError as exc:
+                raise PlanError(f"ordering '{oname}', position {pos} ({cname}, {cfg.kind}): {exc}") from None
+            key = "-".join(chain[:pos])
+            node = nodes.setdefault(key, Node(tuple(chain[:pos]), state))
+            if flag and flag not in node.flags:
+                node.flags.append(flag)
+        node.orderings.append(oname)
+        leaves[oname] = node.name
+    for n in nodes.values():  # every ordering passing through a node, for labels
+        n.orderings = [o for o, leaf in leaves.items() if nodes[leaf].chain[: len(n.chain)] == n.chain]
+    return Plan(nodes, leaves)

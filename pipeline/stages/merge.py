@@ -1,0 +1,55 @@
+"""Merge: fold LoRA into the base weights in fp32. An NF4 base is dequantized first (folding a small LoRA delta
+straight into NF4 re-rounds most of it away); a sparse base can keep its zeros. Adapter and prompt modules are
+kept as modules. The merge error (max |logit| difference and perplexity, unmerged vs merged) is recorded.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .. import artifact, data
+from ..config import MergeCfg, Params
+from ..models import LM, load_lm, save_hybrid, save_weights
+from .prune import block_linears
+
+
+@torch.no_grad()
+def check_logits(lm: LM, windows: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    logits, nll = [], 0.0
+    for ids in windows:
+        out = lm.logits(ids[None]).float()
+        logits.append(out)
+        nll += torch.nn.functional.cross_entropy(out[0, :-1], ids[1:].to(lm.device)).item()
+    return logits, math.exp(nll / len(windows))
+
+
+def run(src: Path, cfg: MergeCfg, out: Path, params: Params) -> dict:
+    state = artifact.read_manifest(src)["state"]
+    ev = params.evaluate
+    text = next(iter(data.eval_texts(params.data).values()))
+    unmerged = load_lm(src, params.model)
+    ids = data.tokenize(unmerged.tokenizer, text, ev.seq_len * ev.merge_check_windows)
+    wins = data.windows(ids, ev.seq_len)
+    ref_logits, ppl_unmerged = check_logits(unmerged, wins)
+    del unmerged
+
+    lm = load_lm(src, params.model, dequantize=True)
+    masks = {}
+    if state.get("sparse") and cfg.keep_mask:
+        masks = {n: lin.weight != 0 for n, lin in block_linears(lm.base).items()}
+    if hasattr(lm.model, "merge_and_unload"):
+        lm.model = lm.model.merge_and_unload()
+    with torch.no_grad():
+        for n, lin in block_linears(lm.model).items():
+            if n in masks:
+                lin.weight.mul_(masks[n].to(lin.weight.dtype))
+    logits, ppl_merged = check_logits(lm, wins)
+    max_diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, logits))
+    save_weights(lm.model, lm.tokenizer, out)
+    save_hybrid(lm, out)
+    return {"format": "hf", "weights": ".",
+            "merge_error": {"max_abs_logit_diff": round(max_diff, 5), "ppl_unmerged": round(ppl_unmerged, 4),
+                            "ppl_merged": round(ppl_merged, 4), "windows": len(wins), "seq_len": ev.seq_len,
+                            "dequantized_from": state.get("quant"), "kept_mask": bool(masks)}}
