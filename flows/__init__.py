@@ -1,0 +1,1 @@
+"""Prefect flows: the comparison of orderings, and its scheduled deployment."""

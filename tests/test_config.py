@@ -1,0 +1,53 @@
+"""params.yaml validation: bad input gives one line naming the field and the fix."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_default_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.source == "smollm2-135m"
+    kinds = {cfg.kind for cfg in params.stages.values()}
+    assert kinds == {"prune", "quantize", "peft", "merge", "ptq"}
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda r: r["stages"]["wanda24"].update(sparsity=1.5), "stages.wanda24.sparsity"),
+    (lambda r: r["stages"]["wanda24"].update(pattern="4:2"), "stages.wanda24.pattern"),
+    (lambda r: r["stages"]["hybrid"].update(methods=["lora", "dora"]), "stages.hybrid.methods"),
+    (lambda r: r["stages"]["hybrid"].update(lora_rank=4), "stages.hybrid.lora_rank"),
+    (lambda r: r["stages"]["nf4"].update(kind="quantise"), "stages.nf4"),
+    (lambda r: r["orderings"]["qlora_first"].append("gptq8"), "orderings.qlora_first[4]"),
+    (lambda r: r["orderings"].update({"bad-name": ["nf4"]}), "orderings.bad-name"),
+    (lambda r: r["data"].pop("domain"), "data.domain"),
+])
+def test_bad_params_one_line_naming_field(edit, field):
+    raw = copy.deepcopy(default_raw())
+    edit(raw)
+    with pytest.raises(ConfigError) as exc:
+        parse_params(raw)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert field in msg, msg
+    assert "params.yaml" in msg
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("stages: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)

@@ -1,0 +1,67 @@
+"""Orderings -> trie: shared prefixes give one node; invalid orders fail at plan time with a one-line fix."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pipeline.config import parse_params
+from pipeline.plan import HARMA, PlanError, build_plan
+from test_config import default_raw
+
+
+def plan_for(orderings: dict, extra_stages: dict | None = None):
+    raw = copy.deepcopy(default_raw())
+    raw["stages"].update(extra_stages or {})
+    raw["orderings"] = orderings
+    return build_plan(parse_params(raw))
+
+
+def test_default_trie_shares_prefixes():
+    plan = build_plan(parse_params(default_raw()))
+    names = list(plan.nodes)
+    assert len(names) == len(set(names))
+    # peft_first and peft_ptq share hybrid -> merge: one node each
+    assert plan.nodes["hybrid-merge"].orderings == ["peft_first", "peft_ptq"]
+    for ordering, leaf in plan.leaves.items():
+        assert leaf in plan.nodes
+        assert plan.nodes[leaf].chain == tuple(default_raw()["orderings"][ordering])
+    for node in plan.nodes.values():  # topological: parents first
+        if node.parent:
+            assert names.index(node.parent) < names.index(node.name)
+    total_stage_runs = sum(len(c) for c in default_raw()["orderings"].values())
+    assert len(plan.nodes) - 1 < total_stage_runs
+
+
+def test_states_follow_the_stages():
+    plan = build_plan(parse_params(default_raw()))
+    assert plan.nodes["wanda24-nf4"].state.quant == "nf4" and plan.nodes["wanda24-nf4"].state.sparse
+    merged = plan.nodes["nf4-hybrid-merge"].state
+    assert merged.quant is None and not merged.lora and merged.modules == ("adapter", "prompt")
+    assert plan.subtree("hybrid") == ["hybrid", "hybrid-merge", "hybrid-merge-wanda24", "hybrid-merge-wanda24-gptq4",
+                                      "hybrid-merge-gptq4"]
+
+
+@pytest.mark.parametrize("chain, position, words", [
+    (["merge"], 1, "nothing to merge"),
+    (["hybrid", "merge", "merge"], 3, "nothing to merge"),
+    (["nf4", "wanda24"], 2, "cannot prune a nf4 model"),
+    (["nf4", "nf4"], 2, "already nf4"),
+    (["hybrid", "lora_only"], 2, "two peft stages"),
+    (["hybrid", "wanda24"], 2, "put a merge stage before it"),
+    (["hybrid", "merge", "nf4"], 3, "use a ptq stage"),
+    (["hybrid", "gptq4"], 2, "put a merge stage before it"),
+])
+def test_invalid_orderings_fail_at_plan_time(chain, position, words):
+    with pytest.raises(PlanError) as exc:
+        plan_for({"mine": chain})
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert f"ordering 'mine', position {position} ({chain[position - 1]}" in msg
+    assert words in msg
+
+
+def test_quantize_before_prune_is_flagged_not_refused():
+    plan = plan_for({"q_then_p": ["nf4", "hybrid", "merge", "wanda24"]})
+    assert plan.nodes["nf4-hybrid-merge-wanda24"].flags == [HARMA]
+    assert not plan.nodes["nf4-hybrid-merge"].flags
