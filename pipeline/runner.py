@@ -62,6 +62,7 @@ def run_node(name: str, params: Params, root: Path = Path(".")) -> dict:
         artifact.read_manifest(src)  # a clear error if the parent has not run
     out = artifact_path(name, root)
     cfg = params.stages[node.config] if node.config else None
+    evaluate.reset_peak_memory(device_of(params.model))
     t0 = time.perf_counter()
     with artifact.atomic_dir(out) as tmp:
         info = build_base(params, tmp) if cfg is None else STAGES[cfg.kind].run(src, cfg, tmp, params)

@@ -97,6 +97,12 @@ def latency(lm: LM, ids: torch.Tensor, new_tokens: int) -> dict:
             "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new CUDA peak (several nodes in one process, e.g. benchmarks); CPU max RSS cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process so far: CUDA allocator peak on GPU, max RSS on CPU."""
     if device.type == "cuda":
