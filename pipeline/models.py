@@ -130,8 +130,6 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize: bool = False) -> LM:
 
     dequantize=True turns an NF4 base back into fp weights before LoRA is attached (what merge needs).
     """
-    from peft import PeftModel
-
     device = device_of(cfg)
     man = artifact.read_manifest(path)
     model, tok = load_base(artifact.weights_dir(path), man["format"], cfg, device)
@@ -139,6 +137,8 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize: bool = False) -> LM:
         model = model.dequantize().to(dtype_of(cfg, device))
     peft = artifact.peft_dir(path)
     if (peft / "lora").is_dir():
+        from peft import PeftModel  # imported only when needed: it costs seconds per process
+
         model = PeftModel.from_pretrained(model, peft / "lora", is_trainable=False)
     hybrid = None
     if Hybrid.exists(peft):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def node_fingerprint(params: Params, node: Node) -> str:
                                  {k: v.model_dump() for k, v in d.eval.items()}, "domain": d.domain.model_dump(), "chain": chain})
 
 
+def metrics_fingerprint(params: Params, node: Node) -> str:
+    """Metrics depend on the artifact and on the evaluation settings."""
+    return artifact.fingerprint([node_fingerprint(params, node), params.evaluate.model_dump()])
+
+
 def node_status(params: Params, plan: Plan, root: Path = Path(".")) -> dict[str, str]:
     """cached (artifact + metrics match the params) | stale (params changed) | missing, per node."""
     out = {}
@@ -41,7 +47,9 @@ def node_status(params: Params, plan: Plan, root: Path = Path(".")) -> dict[str,
         except (FileNotFoundError, KeyError, ValueError):
             out[name] = "missing"
             continue
-        fresh = fp == node_fingerprint(params, node) and metrics_path(name, root).is_file()
+        metrics = metrics_path(name, root)
+        fresh = (fp == node_fingerprint(params, node) and metrics.is_file()
+                 and json.loads(metrics.read_text()).get("fingerprint") == metrics_fingerprint(params, node))
         out[name] = "cached" if fresh else "stale"
     return out
 
@@ -81,7 +89,7 @@ def run_node(name: str, params: Params, root: Path = Path(".")) -> dict:
     man["stats"] = {**metrics["params"], **metrics["size"]}
     man["timings"]["eval_s"] = metrics["eval_seconds"]
     artifact.write_json(out / artifact.MANIFEST, man)
-    result = {"node": name, "chain": list(node.chain), "kind": man["kind"], "state": node.state.describe(),
+    result = {"node": name, "fingerprint": metrics_fingerprint(params, node), "chain": list(node.chain), "kind": man["kind"], "state": node.state.describe(),
               "orderings": node.orderings, "flags": node.flags, "stage_seconds": round(stage_s, 2), **metrics,
               **{k: info[k] for k in ("train", "merge_error", "prune") if k in info}}
     artifact.write_json(metrics_path(name, root), result)

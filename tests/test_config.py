@@ -24,12 +24,12 @@ def test_default_params_load():
 
 
 @pytest.mark.parametrize("edit, field", [
-    (lambda r: r["stages"]["wanda24"].update(sparsity=1.5), "stages.wanda24.sparsity"),
-    (lambda r: r["stages"]["wanda24"].update(pattern="4:2"), "stages.wanda24.pattern"),
+    (lambda r: r["stages"]["wanda50"].update(sparsity=1.5), "stages.wanda50.sparsity"),
+    (lambda r: r["stages"]["wanda50"].update(pattern="4:2"), "stages.wanda50.pattern"),
     (lambda r: r["stages"]["hybrid"].update(methods=["lora", "dora"]), "stages.hybrid.methods"),
     (lambda r: r["stages"]["hybrid"].update(lora_rank=4), "stages.hybrid.lora_rank"),
     (lambda r: r["stages"]["nf4"].update(kind="quantise"), "stages.nf4"),
-    (lambda r: r["orderings"]["qlora_first"].append("gptq8"), "orderings.qlora_first[4]"),
+    (lambda r: r["orderings"]["qlora_gptq"].append("gptq8"), "orderings.qlora_gptq[4]"),
     (lambda r: r["orderings"].update({"bad-name": ["nf4"]}), "orderings.bad-name"),
     (lambda r: r["data"].pop("domain"), "data.domain"),
 ])

@@ -59,12 +59,12 @@ def test_committed_dvc_yaml_is_fresh():
 
 def test_cli_bad_params_one_line_and_writes_nothing(tmp_path):
     bad = yaml.safe_load((ROOT / "params.yaml").read_text())
-    bad["stages"]["wanda24"]["sparsity"] = 2
+    bad["stages"]["wanda50"]["sparsity"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     proc = sh([sys.executable, "-m", "pipeline", "dvc-yaml"], tmp_path, check=False)
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(err) == 1 and "stages.wanda24.sparsity" in err[0]
+    assert len(err) == 1 and "stages.wanda50.sparsity" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 

@@ -21,8 +21,9 @@ def test_default_trie_shares_prefixes():
     plan = build_plan(parse_params(default_raw()))
     names = list(plan.nodes)
     assert len(names) == len(set(names))
-    # peft_first and peft_ptq share hybrid -> merge: one node each
-    assert plan.nodes["hybrid-merge"].orderings == ["peft_first", "peft_ptq"]
+    # qlora_gptq and qlora_nf4 share nf4 -> hybrid -> merge: one node each
+    assert plan.nodes["nf4-hybrid-merge"].orderings == ["qlora_gptq", "qlora_nf4"]
+    assert [n.name for n in plan.children("nf4-hybrid-merge")] == ["nf4-hybrid-merge-gptq4", "nf4-hybrid-merge-nf4_ptq"]
     for ordering, leaf in plan.leaves.items():
         assert leaf in plan.nodes
         assert plan.nodes[leaf].chain == tuple(default_raw()["orderings"][ordering])
@@ -35,20 +36,19 @@ def test_default_trie_shares_prefixes():
 
 def test_states_follow_the_stages():
     plan = build_plan(parse_params(default_raw()))
-    assert plan.nodes["wanda24-nf4"].state.quant == "nf4" and plan.nodes["wanda24-nf4"].state.sparse
+    assert plan.nodes["wanda50-nf4"].state.quant == "nf4" and plan.nodes["wanda50-nf4"].state.sparse
     merged = plan.nodes["nf4-hybrid-merge"].state
     assert merged.quant is None and not merged.lora and merged.modules == ("adapter", "prompt")
-    assert plan.subtree("hybrid") == ["hybrid", "hybrid-merge", "hybrid-merge-wanda24", "hybrid-merge-wanda24-gptq4",
-                                      "hybrid-merge-gptq4"]
+    assert plan.subtree("hybrid") == ["hybrid", "hybrid-merge", "hybrid-merge-wanda50", "hybrid-merge-wanda50-gptq4"]
 
 
 @pytest.mark.parametrize("chain, position, words", [
     (["merge"], 1, "nothing to merge"),
     (["hybrid", "merge", "merge"], 3, "nothing to merge"),
-    (["nf4", "wanda24"], 2, "cannot prune a nf4 model"),
+    (["nf4", "wanda50"], 2, "cannot prune a nf4 model"),
     (["nf4", "nf4"], 2, "already nf4"),
     (["hybrid", "lora_only"], 2, "two peft stages"),
-    (["hybrid", "wanda24"], 2, "put a merge stage before it"),
+    (["hybrid", "wanda50"], 2, "put a merge stage before it"),
     (["hybrid", "merge", "nf4"], 3, "use a ptq stage"),
     (["hybrid", "gptq4"], 2, "put a merge stage before it"),
 ])
@@ -62,6 +62,6 @@ def test_invalid_orderings_fail_at_plan_time(chain, position, words):
 
 
 def test_quantize_before_prune_is_flagged_not_refused():
-    plan = plan_for({"q_then_p": ["nf4", "hybrid", "merge", "wanda24"]})
-    assert plan.nodes["nf4-hybrid-merge-wanda24"].flags == [HARMA]
+    plan = plan_for({"q_then_p": ["nf4", "hybrid", "merge", "wanda50"]})
+    assert plan.nodes["nf4-hybrid-merge-wanda50"].flags == [HARMA]
     assert not plan.nodes["nf4-hybrid-merge"].flags
