@@ -23,6 +23,8 @@ class ModelCfg(Strict):
     source: str = Field("smollm2-135m", description="'smollm2-135m' (the embedded default) or a local HF model dir")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="auto = cuda if available, else cpu")
+    gptq_kernel: str = Field("triton", description="GPTQModel kernel for GPTQ checkpoints on GPU; 'auto' picks Machete on "
+                             "Hopper, which JIT-builds after downloading CUTLASS (fails offline); triton needs no build")
     trust_remote_code: bool = False
 
 

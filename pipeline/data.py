@@ -79,10 +79,11 @@ def calibration(tokenizer, cfg: CalibrationCfg, seed: int) -> list[torch.Tensor]
     return [ids[s: s + cfg.seq_len].unsqueeze(0) for s in starts.tolist()]
 
 
-def train_batches(tokenizer, text: str, seq_len: int, batch_size: int, steps: int, seed: int):
-    """`steps` batches of random windows from the domain's training split."""
+def train_batches(ids: torch.Tensor, seq_len: int, batch_size: int, steps: int, seed: int):
+    """`steps` batches of random windows from the (tokenized) training split."""
+    if ids.numel() <= seq_len + 1:
+        raise ValueError(f"training text has {ids.numel()} tokens, need more than seq_len={seq_len}; lower seq_len")
     gen = torch.Generator().manual_seed(seed)
-    ids = tokenize(tokenizer, text)
     for _ in range(steps):
         starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=gen)
         yield torch.stack([ids[s: s + seq_len] for s in starts.tolist()])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +119,10 @@ def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device) -> t
     tok = AutoTokenizer.from_pretrained(weights, trust_remote_code=cfg.trust_remote_code)
     # NF4 and GPTQ load through transformers too (bitsandbytes / GPTQModel kernels), placed at load time
     kw = {"device_map": {"": str(device)}} if fmt in ("nf4", "gptq") else {}
+    if fmt == "gptq" and device.type == "cuda":
+        from transformers import GPTQConfig
+
+        kw["quantization_config"] = GPTQConfig(bits=4, backend=cfg.gptq_kernel)  # only its loading attributes apply
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype_of(cfg, device),
                                                  trust_remote_code=cfg.trust_remote_code, **kw)
     return (model if kw else model.to(device)).eval(), tok
@@ -192,6 +195,3 @@ def make_tiny_llama(out: Path, text: str, *, hidden: int = 128, intermediate: in
     save_weights(model, tok, out)
     return out
 
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -49,7 +49,8 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
         notes = list(r.get("flags", []))
         if "merge_error" in r:
             m = r["merge_error"]
-            notes.append(f"merge: max|Δlogit| {m['max_abs_logit_diff']:.3g}, ppl {m['ppl_unmerged']:.2f}→{m['ppl_merged']:.2f}")
+            notes.append(f"merge error on {m['windows']}x{m['seq_len']} tokens: max|Δlogit| {m['max_abs_logit_diff']:.3g}, "
+                         f"ppl {m['ppl_unmerged']:.2f}→{m['ppl_merged']:.2f}")
         if "train" in r:
             t = r["train"]
             notes.append(f"train loss {t['loss_first']:.2f}→{t['loss_last']:.2f}, {t['tokens_per_s']:.0f} tok/s")

@@ -93,6 +93,7 @@ def test_peft_adds_only_adapters_and_trains(tiny_run):
     assert r["train"]["loss_last"] < r["train"]["loss_first"]
     assert r["ppl"]["domain_heldout"] < results["base"]["ppl"]["domain_heldout"]
     assert r["params"]["peft"] == r["train"]["trainable_params"] > 0
+    assert r["train"]["peak_memory_mb"] > 0 and r["train"]["tokens_per_s"] > 0
     lora = results["lora_only"]
     assert not (artifact_path("lora_only") / "peft" / "hybrid.json").exists()
     assert lora["params"]["peft"] == lora["train"]["trainable_params"]

@@ -18,6 +18,7 @@ from .. import artifact, data
 from ..adapters import Hybrid
 from ..config import Params, PeftCfg
 from ..models import LM, load_lm
+from .evaluate import peak_memory_mb, reset_peak_memory
 
 
 def add_peft(lm: LM, cfg: PeftCfg, seed: int) -> list[torch.nn.Parameter]:
@@ -42,13 +43,15 @@ def add_peft(lm: LM, cfg: PeftCfg, seed: int) -> list[torch.nn.Parameter]:
     return trainable + (list(lm.hybrid.parameters()) if lm.hybrid else [])
 
 
-def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, text: str, seed: int) -> dict:
+def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, ids: torch.Tensor, seed: int) -> dict:
+    """AdamW on the PEFT parameters; timed from the first step (tokenization is done before)."""
     opt = torch.optim.AdamW(params_, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)))
     lm.model.train()
     losses: list[float] = []
+    reset_peak_memory(lm.device)
     t0 = time.perf_counter()
-    bar = tqdm(data.train_batches(lm.tokenizer, text, cfg.seq_len, cfg.batch_size, cfg.steps, seed),
+    bar = tqdm(data.train_batches(ids, cfg.seq_len, cfg.batch_size, cfg.steps, seed),
                total=cfg.steps, desc=f"train {'+'.join(cfg.methods)}", unit="step")
     for batch in bar:
         loss = lm.loss(batch)
@@ -65,7 +68,7 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, text: str, se
     return {"steps": cfg.steps, "seconds": round(seconds, 2),
             "tokens_per_s": round(cfg.steps * cfg.batch_size * cfg.seq_len / seconds, 1),
             "loss_first": round(sum(losses[:k]) / k, 4), "loss_last": round(sum(losses[-k:]) / k, 4),
-            "trainable_params": sum(p.numel() for p in params_)}
+            "trainable_params": sum(p.numel() for p in params_), "peak_memory_mb": peak_memory_mb(lm.device)}
 
 
 def save_peft(lm: LM, out: Path) -> None:
@@ -79,8 +82,8 @@ def save_peft(lm: LM, out: Path) -> None:
 def run(src: Path, cfg: PeftCfg, out: Path, params: Params) -> dict:
     lm = load_lm(src, params.model)
     trainable = add_peft(lm, cfg, params.seed)
-    train_text, _ = data.domain_split(params.data.domain)
-    stats = train(lm, trainable, cfg, train_text, params.seed)
+    ids = data.tokenize(lm.tokenizer, data.domain_split(params.data.domain)[0])
+    stats = train(lm, trainable, cfg, ids, params.seed)
     if not math.isfinite(stats["loss_last"]):
         raise RuntimeError(f"training diverged (loss {stats['loss_last']}); lower stages.<name>.lr")
     save_peft(lm, out)
