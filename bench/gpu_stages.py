@@ -103,7 +103,7 @@ def main() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "4")
     cuda = torch.cuda.is_available()
     shape = "tiny" if args.tiny else "llama-3.2-1b"
-    bsz, seq, steps, fwd_iters = (2, 64, 3, 2) if args.tiny else (8, 1024, 15, 10)
+    bsz, seq, steps, fwd_iters = (2, 64, 3, 2) if args.tiny else (8, 1024, 30, 20)
     calib_n, calib_len = (4, 64) if args.tiny else (64, 512)
     dtype = torch.bfloat16 if cuda else torch.float32
     device = "cuda" if cuda else "cpu"
@@ -148,15 +148,23 @@ def main() -> None:
     plain_train(warm, batch, 2, 1e-4)  # untimed: the process's first backward pays one-off CUDA set-up costs
     del warm
     free()
-    plain_fwd = timed_forward(lambda b: hf(input_ids=b).logits, batch, fwd_iters)
-    plain_lora, plain_lora_peak = plain_train(get_peft_model(hf, lora), batch, steps, 1e-4)
+    plain_fwd = max(timed_forward(lambda b: hf(input_ids=b).logits, batch, fwd_iters) for _ in range(2))
+    pm = get_peft_model(hf, lora)
+    (plain_lora, plain_lora_peak), again = plain_train(pm, batch, steps, 1e-4), plain_train(pm, batch, steps, 1e-4)
+    env["plain_lora_runs"] = [round(plain_lora), round(again[0])]
+    plain_lora = max(plain_lora, again[0])
+    del pm
     del hf
     free()
     if cuda:
         q = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device}, quantization_config=
                                                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                     bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True))
-        plain_qlora, plain_qlora_peak = plain_train(get_peft_model(q, lora), batch, steps, 1e-4)
+        pq = get_peft_model(q, lora)
+        (plain_qlora, plain_qlora_peak), again = plain_train(pq, batch, steps, 1e-4), plain_train(pq, batch, steps, 1e-4)
+        env["plain_qlora_runs"] = [round(plain_qlora), round(again[0])]
+        plain_qlora = max(plain_qlora, again[0])
+        del pq
         del q
         free()
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -189,10 +197,16 @@ def main() -> None:
 
     # -- the stages ------------------------------------------------------------------------------------
     res = {name: run_node(name, params) for name in ("base", "lora", "nf4", "nf4-qlora", "gptq")}
+    # timing noise on a 2-3 s measurement is ~5%: train each way twice and keep the better run, plain and stage alike
+    for name in ("lora", "nf4-qlora"):
+        again = run_node(name, params)["train"]
+        env[f"stage_{name}_runs"] = [round(res[name]["train"]["tokens_per_s"]), round(again["tokens_per_s"])]
+        if again["tokens_per_s"] > res[name]["train"]["tokens_per_s"]:
+            res[name]["train"] = again
     env["plain_gptq_s_first"] = round(plain_gptq_s, 2)
     plain_gptq_s = min(plain_gptq_s, plain_gptq())
     lm: LM = load_lm(artifact_path("base"), params.model)
-    stage_fwd = timed_forward(lambda b: lm.logits(b), batch, fwd_iters)
+    stage_fwd = max(timed_forward(lambda b: lm.logits(b), batch, fwd_iters) for _ in range(2))
     del lm
     free()
 
