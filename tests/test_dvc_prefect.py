@@ -125,3 +125,9 @@ def test_prefect_flow_runs_nodes_as_dvc_stages(tmp_path, tiny_model, monkeypatch
     # Prefect and `dvc repro` share one result: DVC sees everything up to date
     assert ran_stages(sh(["dvc", "repro"], repo).stdout) == set()
     assert os.path.isfile(repo / "dvc.lock")
+
+
+@pytest.mark.parametrize("module", ["pipeline", "flows.compare", "flows.deploy"])
+def test_every_command_has_help(module):
+    proc = sh([sys.executable, "-m", module, "--help"], ROOT)
+    assert "usage" in proc.stdout.lower() and len(proc.stdout.splitlines()) > 3
