@@ -83,6 +83,25 @@ def advice(rows: list[dict], leaves: dict[str, str]) -> list[str]:
     return out
 
 
+def _spread_labels(points: list[tuple], gap: float) -> list[tuple]:
+    """Label y positions at least `gap` apart among points of similar size, so that labels do not overlap."""
+    xs = [p[0] for p in points]
+    width = (max(xs) - min(xs)) * 0.05 or 1.0
+    clusters: list[list[tuple]] = []
+    for p in sorted(points, key=lambda p: p[0]):
+        if clusters and p[0] - clusters[-1][0][0] <= width:
+            clusters[-1].append(p)
+        else:
+            clusters.append([p])
+    out = []
+    for cluster in clusters:
+        last = -float("inf")
+        for x, y, label, kind in sorted(cluster, key=lambda p: p[1]):
+            last = max(y, last + gap)
+            out.append((x, y, label, kind, last))
+    return out
+
+
 def plot(rows: list[dict], corpora: list[str], leaves: dict[str, str], path: Path) -> None:
     import matplotlib
 
@@ -90,20 +109,27 @@ def plot(rows: list[dict], corpora: list[str], leaves: dict[str, str], path: Pat
     import matplotlib.pyplot as plt
 
     leaf_nodes = set(leaves.values())
-    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 6), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
         front = set(pareto(rows, corpus))
+        points = []
         for r in rows:
             x, y = r["size"]["bytes"] / 2**20, r["ppl"][corpus]
             kind = "base" if r["node"] == "base" else ("leaf" if r["node"] in leaf_nodes else "intermediate")
             style = {"base": ("k", "*", 160), "leaf": ("tab:red", "o", 60), "intermediate": ("tab:blue", ".", 40)}[kind]
             ax.scatter(x, y, c=style[0], marker=style[1], s=style[2], zorder=3,
                        edgecolors="gold" if r["node"] in front else "none", linewidths=1.5)
-            label = r["node"] if kind != "leaf" else f"{r['node']}\n({', '.join(o for o, n in leaves.items() if n == r['node'])})"
-            ax.annotate(label, (x, y), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+            label = r["node"] if kind != "leaf" else f"{r['node']} ({', '.join(o for o, n in leaves.items() if n == r['node'])})"
+            points.append((x, y, label, kind))
+        ys = [p[1] for p in points]
+        for x, y, label, kind, ty in _spread_labels(points, gap=(max(ys) - min(ys)) * 0.04 or 1.0):
+            ax.annotate(label, (x, y), xytext=(x + 8, ty), fontsize=6.5, va="center",
+                        color="black" if kind != "intermediate" else "dimgray",
+                        arrowprops={"arrowstyle": "-", "color": "lightgray", "lw": 0.6})
         pts = sorted((r["size"]["bytes"] / 2**20, r["ppl"][corpus]) for r in rows if r["node"] in front)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", c="gold", zorder=2, label="Pareto front")
         ax.set_xlabel("bytes to deploy (MB)")
+        ax.set_xlim(right=ax.get_xlim()[1] + 0.35 * (ax.get_xlim()[1] - ax.get_xlim()[0]))  # room for labels
         ax.set_ylabel(f"perplexity, {corpus} (lower is better)")
         ax.set_title(f"{corpus}: quality vs size (★ base, ● ordering leaf, · intermediate)", fontsize=9)
         ax.grid(alpha=0.3)
