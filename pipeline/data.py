@@ -1,11 +1,6 @@
 """Text corpora through the datasets library over local files (users point a stage at their own files the same way)."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never a hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 from functools import lru_cache
 from pathlib import Path
 

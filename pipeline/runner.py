@@ -89,8 +89,8 @@ def run_node(name: str, params: Params, root: Path = Path(".")) -> dict:
     man["stats"] = {**metrics["params"], **metrics["size"]}
     man["timings"]["eval_s"] = metrics["eval_seconds"]
     artifact.write_json(out / artifact.MANIFEST, man)
-    result = {"node": name, "fingerprint": metrics_fingerprint(params, node), "chain": list(node.chain), "kind": man["kind"], "state": node.state.describe(),
-              "orderings": node.orderings, "flags": node.flags, "stage_seconds": round(stage_s, 2), **metrics,
+    result = {"node": name, "fingerprint": metrics_fingerprint(params, node), "chain": list(node.chain),
+              "kind": man["kind"], "state": node.state.describe(), "orderings": node.orderings, "flags": node.flags, "stage_seconds": round(stage_s, 2), **metrics,
               **{k: info[k] for k in ("train", "merge_error", "prune") if k in info}}
     artifact.write_json(metrics_path(name, root), result)
     return result
