@@ -1,8 +1,13 @@
 """`python -m pipeline ...`: plan, run a node, generate dvc.yaml, build the report, fetch the default model."""
 from __future__ import annotations
 
+import os
 import sys
+import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import typer
 
@@ -11,20 +16,51 @@ from .plan import PlanError, build_plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compare orderings of pruning, quantization, hybrid PEFT, merge and PTQ on a causal LM.")
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file (orderings and stage configs)")
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p",
+                         help="the params file; paths in it (data, model.source, artifacts/) are relative to its directory")
+LOGS = Path("logs") / "pipeline"
+_debug = {"on": False}
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg="red", err=True)
-    raise typer.Exit(2)
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="print full tracebacks instead of one line + a log file")) -> None:
+    _debug["on"] = debug
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {' '.join(msg.split())}", fg="red", err=True)  # always one line
+    raise typer.Exit(code)
 
 
 def _load(path: Path):
+    """Params + plan, checked before any work; then work in the params file's directory."""
     try:
         params = load_params(path)
-        return params, build_plan(params)
+        os.chdir(path.resolve().parent)
+        plan = build_plan(params)
+        from .checks import check
+
+        check(params, plan)
+        return params, plan
     except (ConfigError, PlanError) as exc:
         _fail(str(exc))
+
+
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    """A failure at run time: one line (what failed, where, the fix) and exit 1; the traceback goes to a log file."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure must end as one line, not a traceback
+        if _debug["on"]:
+            raise
+        LOGS.mkdir(parents=True, exist_ok=True)
+        log = LOGS / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.write_text(traceback.format_exc())
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _fail(f"{what}: {type(exc).__name__}: {first} (traceback in {log}; --debug prints it)", code=1)
 
 
 @app.command()
@@ -33,9 +69,11 @@ def plan(params_path: Path = ParamsOpt) -> None:
     from .runner import node_status
 
     params, p = _load(params_path)
-    status = node_status(params, p)
+    with _guard("plan"):
+        status = node_status(params, p)
     marks = {"cached": typer.style("cached", fg="green"), "stale": typer.style("stale", fg="yellow"),
-             "missing": typer.style("to run", fg="cyan")}
+             "missing": typer.style("to run", fg="cyan"), "not evaluated": typer.style("not evaluated", fg="cyan"),
+             "corrupt": typer.style("corrupt (will rebuild)", fg="red")}
     for name, node in p.nodes.items():
         indent = "  " * len(node.chain)
         label = node.config or f"base ({params.model.source})"
@@ -52,29 +90,30 @@ def plan(params_path: Path = ParamsOpt) -> None:
 
 @app.command()
 def run(node: str = typer.Argument(..., help="node name, e.g. base or wanda24-nf4 (see `plan`)"),
-        params_path: Path = ParamsOpt) -> None:
-    """Build one node's artifact from its parent's, evaluate it, and write metrics/<node>.json."""
-    from .runner import run_node
-
+        params_path: Path = ParamsOpt,
+        force: bool = typer.Option(False, "--force", help="rebuild even when the node is cached")) -> None:
+    """Build one node's artifact from its parent's, evaluate it, and write metrics/<node>.json.
+    A cached node is left as it is; a built but unevaluated one is only evaluated."""
     params, p = _load(params_path)
     if node not in p.nodes:
         _fail(f"no node '{node}' in {params_path}; nodes: {', '.join(p.nodes)}")
-    try:
-        result = run_node(node, params)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+    with _guard(node):
+        from .runner import run_node
+
+        result = run_node(node, params, force=force)
     ppl = ", ".join(f"{k} {v:.2f}" for k, v in result["ppl"].items())
     typer.echo(f"{node}: ppl {ppl}; {result['size']['bytes'] / 2**20:.1f} MB; {result['stage_seconds']:.0f} s stage")
 
 
 @app.command("dvc-yaml")
-def dvc_yaml(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("dvc.yaml"), help="where to write"),
+def dvc_yaml(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("dvc.yaml"), help="where to write (relative to the params file's directory)"),
              check: bool = typer.Option(False, "--check", help="exit 1 if the file differs from what params give")) -> None:
     """Generate dvc.yaml from the params file: one DVC stage per node plus the report."""
     from .dvcgen import render
 
     params, _ = _load(params_path)
-    text = render(params, Path("."))
+    with _guard("dvc-yaml"):
+        text = render(params, Path("."))
     if check:
         if not out.is_file() or out.read_text() != text:
             _fail(f"{out} is stale; run: python -m pipeline dvc-yaml")
@@ -92,7 +131,7 @@ def report(params_path: Path = ParamsOpt) -> None:
     params, _ = _load(params_path)
     try:
         result = rep.run(params)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, rep.StaleMetrics) as exc:
         _fail(str(exc))
     typer.echo("\n".join(line for line in result["markdown"].splitlines() if line.startswith("- ")))
     typer.echo("wrote reports/compare.md, reports/compare.json, reports/pareto.png")

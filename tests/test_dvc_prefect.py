@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,15 +39,20 @@ def small_params(model: Path) -> dict:
 
 
 def make_repo(path: Path, model: Path) -> Path:
-    """A git + DVC project using the installed package, with tiny params and its generated dvc.yaml."""
+    """A git + DVC project using the installed package, with tiny params, its generated dvc.yaml and the project's
+    DVC cache settings. The model is a copy outside the repo (an external dependency, as a user's would be)."""
     path.mkdir(parents=True, exist_ok=True)
     write_data(path)
-    (path / "params.yaml").write_text(yaml.safe_dump(small_params(model), sort_keys=False))
+    outside = path.parent / f"{path.name}-model"
+    shutil.copytree(model, outside)
+    (path / "params.yaml").write_text(yaml.safe_dump(small_params(outside), sort_keys=False))
     sh(["git", "init", "-q"], path)
     sh(["git", "config", "user.email", "ci@example.com"], path)
     sh(["git", "config", "user.name", "ci"], path)
     sh(["dvc", "init", "-q"], path)
     sh(["dvc", "config", "core.analytics", "false"], path)
+    cache_type = re.search(r'type = "([^"]+)"', (ROOT / ".dvc" / "config").read_text())[1]
+    sh(["dvc", "config", "cache.type", cache_type], path)
     sh([sys.executable, "-m", "pipeline", "dvc-yaml"], path)
     sh(["git", "add", "-A"], path)
     sh(["git", "commit", "-qm", "init"], path)
@@ -102,6 +109,44 @@ def test_dvc_repro_noop_and_subtree_rerun(tmp_path, tiny_model):
     assert "to run" not in plan and "stale" not in plan and "cached" in plan
 
 
+def test_cache_survives_in_place_writes_and_external_changes_are_seen(tmp_path, tiny_model):
+    from pipeline import artifact
+
+    repo = make_repo(tmp_path / "repo", tiny_model)
+    sh(["dvc", "repro", "base", "mag50"], repo)
+    weights = repo / "artifacts" / "base" / "model.safetensors"
+    good = weights.read_bytes()
+    with open(weights, "r+b") as fh:  # an in-place write into an output (what a hardlinked cache would share)
+        fh.truncate(len(good) // 2)
+    assert "base" in json.loads(sh(["dvc", "status", "--json"], repo).stdout)
+    sh(["dvc", "repro", "base", "mag50"], repo)
+    assert weights.read_bytes() == good  # restored or rebuilt: never the truncated file
+    artifact.verify(weights.parent, full=True)
+    assert json.loads(sh(["dvc", "status", "--json"], repo).stdout or "{}") == {}
+    # the base model lives outside the repo: overwriting its weights in place makes base (and mag50) stale
+    model = Path(yaml.safe_load((repo / "params.yaml").read_text())["model"]["source"])
+    with open(model / "model.safetensors", "r+b") as fh:
+        fh.seek(-64, 2)
+        fh.write(bytes(64))
+    assert "base" in json.loads(sh(["dvc", "status", "--json"], repo).stdout)
+    plan = sh([sys.executable, "-m", "pipeline", "plan"], repo).stdout
+    assert "cached" not in plan.split("mag50")[0]
+
+
+def test_same_stage_twice_at_once_waits_instead_of_failing(tmp_path, tiny_model):
+    from tasks.dvc_stage import repro
+
+    repo = make_repo(tmp_path / "repo", tiny_model)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, repro("base", str(repo)))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert [r.returncode for r in results.values()] == [0, 0], [r.stderr[-800:] for r in results.values()]
+    assert sum("Running stage 'base'" in r.stdout for r in results.values()) == 1  # the second found it done
+
+
 def test_prefect_flow_runs_nodes_as_dvc_stages(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -113,15 +158,21 @@ def test_prefect_flow_runs_nodes_as_dvc_stages(tmp_path, tiny_model, monkeypatch
 
     repo = make_repo(tmp_path / "repo", tiny_model)
     with prefect_test_harness(server_startup_timeout=120):
-        state = compare(repo=str(repo), return_state=True)
-        assert state.is_completed(), state
-        result = state.result()
-        assert set(result["ran"]) == {"base", "lora_only", "lora_only-merge", "mag50"}
+        states = {}  # two overlapping flow runs in one workspace: both finish, each node runs once
+        runs = [threading.Thread(target=lambda i=i: states.__setitem__(i, compare(repo=str(repo), return_state=True)))
+                for i in range(2)]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join(timeout=900)
+        assert all(s.is_completed() for s in states.values()), states
+        ran = [n for s in states.values() for n in s.result()["ran"]]
+        assert sorted(ran) == sorted({"base", "lora_only", "lora_only-merge", "mag50"}), ran
         with get_client(sync_client=True) as client:
             keys = {a.key for a in client.read_artifacts()}
         assert {"compare-orderings", "compare-table"} <= keys
         again = compare(repo=str(repo))
-        assert again["ran"] == []  # DVC cache: a second flow run runs nothing
+        assert again["ran"] == []  # DVC cache: a third flow run runs nothing
     # Prefect and `dvc repro` share one result: DVC sees everything up to date
     assert ran_stages(sh(["dvc", "repro"], repo).stdout) == set()
     assert os.path.isfile(repo / "dvc.lock")

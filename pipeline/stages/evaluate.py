@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .. import artifact, data
 from ..config import Params
-from ..models import LM, load_lm
+from ..models import LM, dense_weight, load_lm
 
 
 @torch.no_grad()
@@ -24,24 +24,13 @@ def perplexity(lm: LM, ids: torch.Tensor, seq_len: int, desc: str = "ppl") -> fl
     return math.exp(nll / len(wins))
 
 
-def _dense_weight(mod: nn.Module) -> torch.Tensor | None:
-    """The fp weight of a quantized linear (NF4 or GPTQ), for counting nonzeros; None for plain modules."""
-    if type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes"):
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
-    if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
-        return mod.dequantize_weight()
-    return None
-
-
 @torch.no_grad()
 def param_stats(lm: LM) -> dict:
     """Logical parameter counts: a 4-bit linear counts in*out weights, not its packed storage."""
     total = nonzero = peft = 0
     seen: set[int] = set()
     for name, mod in lm.model.named_modules():
-        dense = _dense_weight(mod)
+        dense = dense_weight(mod)
         if dense is not None:
             total += dense.numel()
             nonzero += int((dense != 0).sum())
@@ -124,6 +113,9 @@ def run(path: Path, params: Params) -> dict:
         first_ids = ids if first_ids is None else first_ids
         tokens[name] = (ids.numel() // ev.seq_len) * ev.seq_len
         ppl[name] = round(perplexity(lm, ids, ev.seq_len, desc=f"ppl {name}"), 4)
+        if not math.isfinite(ppl[name]):
+            raise FloatingPointError(f"{path}: perplexity on {name} is {ppl[name]} (NaN / inf weights or activations: "
+                                     f"a corrupt artifact or a diverged stage); delete it and run its node again")
     return {
         "ppl": ppl,
         "eval": {"seq_len": ev.seq_len, "tokens": tokens},

@@ -11,7 +11,7 @@ import torch
 
 from .. import artifact, data
 from ..config import MergeCfg, Params
-from ..models import LM, load_lm, save_hybrid, save_weights
+from ..models import LM, dtype_of, load_lm, save_hybrid, save_weights
 from .prune import block_linears
 
 
@@ -25,31 +25,48 @@ def check_logits(lm: LM, windows: torch.Tensor) -> tuple[list[torch.Tensor], flo
     return logits, math.exp(nll / len(windows))
 
 
+@torch.no_grad()
+def fold(lm: LM, masks: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Fold LoRA into the (fp32) base weights, re-apply kept sparsity masks, then cast to the run's dtype.
+    Folding in bf16 would round W + BA to bf16 twice and lose most of a small delta."""
+    if hasattr(lm.model, "merge_and_unload"):
+        lm.model = lm.model.merge_and_unload()
+    for n, lin in block_linears(lm.model).items():
+        if n in masks:
+            lin.weight.mul_(masks[n].to(lin.weight.dtype))
+    lm.model.to(dtype)
+    if lm.hybrid is not None:
+        lm.hybrid.to(torch.float32)  # PEFT modules stay fp32 (they cast their input)
+
+
 def run(src: Path, cfg: MergeCfg, out: Path, params: Params) -> dict:
-    state = artifact.read_manifest(src)["state"]
+    man = artifact.read_manifest(src)
+    state = man["state"]
     ev = params.evaluate
     text = next(iter(data.eval_texts(params.data).values()))
     unmerged = load_lm(src, params.model)
+    if state.get("lora") and not hasattr(unmerged.model, "peft_config"):
+        raise RuntimeError(f"{src}: its state has LoRA but no LoRA was loaded from {artifact.peft_dir(src) / 'lora'}; "
+                           f"rebuild that node")
     ids = data.tokenize(unmerged.tokenizer, text, ev.seq_len * ev.merge_check_windows)
     wins = data.windows(ids, ev.seq_len)
     ref_logits, ppl_unmerged = check_logits(unmerged, wins)
+    run_dtype = dtype_of(params.model, unmerged.device)
     del unmerged
 
-    lm = load_lm(src, params.model, dequantize=True)
+    lm = load_lm(src, params.model, dequantize_base=True, dtype=torch.float32)
     masks = {}
     if state.get("sparse") and cfg.keep_mask:
         masks = {n: lin.weight != 0 for n, lin in block_linears(lm.base).items()}
-    if hasattr(lm.model, "merge_and_unload"):
-        lm.model = lm.model.merge_and_unload()
-    with torch.no_grad():
-        for n, lin in block_linears(lm.model).items():
-            if n in masks:
-                lin.weight.mul_(masks[n].to(lin.weight.dtype))
+    fold(lm, masks, run_dtype)
     logits, ppl_merged = check_logits(lm, wins)
+    if not all(torch.isfinite(x).all() for x in logits):
+        raise FloatingPointError(f"{src}: merged logits are not finite (corrupt weights); rebuild the parent node")
     max_diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, logits))
     save_weights(lm.model, lm.tokenizer, out)
     save_hybrid(lm, out)
     return {"format": "hf", "weights": ".",
             "merge_error": {"max_abs_logit_diff": round(max_diff, 5), "ppl_unmerged": round(ppl_unmerged, 4),
                             "ppl_merged": round(ppl_merged, 4), "windows": len(wins), "seq_len": ev.seq_len,
-                            "dequantized_from": state.get("quant"), "kept_mask": bool(masks)}}
+                            "dequantized_from": state.get("quant"), "kept_mask": bool(masks),
+                            "folded_in": "float32", "saved_as": str(run_dtype).removeprefix("torch.")}}

@@ -6,7 +6,6 @@ The artifact holds only the PEFT parts: its base weights are referenced from the
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -55,6 +54,9 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, ids: torch.Te
                total=cfg.steps, desc=f"train {'+'.join(cfg.methods)}", unit="step")
     for batch in bar:
         loss = lm.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {len(losses) + 1} (diverged, or a corrupt "
+                                     f"base); lower stages.<name>.lr or rebuild the parent node")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_, 1.0)
         opt.step()
@@ -84,8 +86,6 @@ def run(src: Path, cfg: PeftCfg, out: Path, params: Params) -> dict:
     trainable = add_peft(lm, cfg, params.seed)
     ids = data.tokenize(lm.tokenizer, data.domain_split(params.data.domain)[0])
     stats = train(lm, trainable, cfg, ids, params.seed)
-    if not math.isfinite(stats["loss_last"]):
-        raise RuntimeError(f"training diverged (loss {stats['loss_last']}); lower stages.<name>.lr")
     save_peft(lm, out)
     fmt = artifact.read_manifest(src)["format"]
     return {"format": fmt, "weights": os.path.relpath(artifact.weights_dir(src), out.resolve()), "train": stats}

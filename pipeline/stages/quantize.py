@@ -33,7 +33,7 @@ def nf4(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> None:
     model = AutoModelForCausalLM.from_pretrained(weights, quantization_config=bnb_config(cfg, dtype), dtype=dtype,
                                                  device_map={"": str(device)},
                                                  trust_remote_code=params.model.trust_remote_code)
-    save_weights(model, AutoTokenizer.from_pretrained(weights), out)
+    save_weights(model, AutoTokenizer.from_pretrained(weights, trust_remote_code=params.model.trust_remote_code), out)
 
 
 def gptq(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> None:
@@ -42,7 +42,7 @@ def gptq(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> None:
     from transformers import AutoTokenizer
 
     device = device_of(params.model)
-    tok = AutoTokenizer.from_pretrained(weights)
+    tok = AutoTokenizer.from_pretrained(weights, trust_remote_code=params.model.trust_remote_code)
     calib = [{"input_ids": ids[0].tolist(), "attention_mask": [1] * ids.shape[1]}
              for ids in data.calibration(tok, params.data.calibration, params.seed)]
     qcfg = QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size, sym=True, desc_act=False)

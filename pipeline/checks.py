@@ -1,0 +1,133 @@
+"""Plan-time checks: everything that can be known before work starts, each failure one line naming the field or
+file and the fix. Run by every CLI command after the params parse and the orderings plan.
+
+Shapes come from the model's config (read, never loaded): a GPTQ group or an N:M width that does not divide a
+layer's in_features, or a LoRA target the model lacks, would otherwise fail minutes into a stage.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .config import CorpusCfg, Params, PeftCfg, PruneCfg, QuantMethodCfg
+from .plan import Plan, PlanError
+
+MAX_NODE_NAME = 200  # bytes; file names are <= 255 and a node's temp dir adds '.<name>.tmp-<pid>'
+# The embedded default (SmolLM2-135M-Instruct, a Llama): its config, so that plan-time checks need no download.
+DEFAULT_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                  "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152, "head_dim": 64,
+                  "tie_word_embeddings": True}
+
+
+def model_config(source: str) -> dict:
+    from .models import DEFAULT_MODEL
+
+    if source == DEFAULT_MODEL:
+        return DEFAULT_CONFIG
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        raise PlanError(f"model.source: {source} is not a Hugging Face model dir (no config.json); "
+                        f"give a local model dir or '{DEFAULT_MODEL}'")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path}: not valid JSON ({exc}); fix or replace the model dir") from None
+
+
+@lru_cache(maxsize=8)
+def _block_linears(config_json: str) -> dict[str, int]:
+    """Name (inside a decoder layer) -> in_features of every linear layer, from a model built on the meta device."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = json.loads(config_json)
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg)
+    config.num_hidden_layers = 1  # one layer tells the shapes of all
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    from .adapters import decoder_layers
+
+    return {n: m.in_features for n, m in decoder_layers(model)[0].named_modules() if isinstance(m, nn.Linear)}
+
+
+def block_linears(config: dict) -> dict[str, int]:
+    return _block_linears(json.dumps(config, sort_keys=True))
+
+
+def _check_corpus(name: str, corpus: CorpusCfg) -> None:
+    for f in corpus.files.split(","):
+        path = Path(f.strip())
+        if not path.is_file():
+            raise PlanError(f"data.{name}.files: {path} not found (relative to the params file's directory); fix the path")
+        head = path.open("rb").read(8192)
+        if not head.strip():
+            raise PlanError(f"data.{name}.files: {path} is empty; point it at a file with text")
+        if b"\0" in head:
+            raise PlanError(f"data.{name}.files: {path} looks binary (NUL bytes); give a text or JSON-lines file")
+        if corpus.format == "json":
+            first = head.split(b"\n", 1)[0].strip()
+            try:
+                record = json.loads(first) if first.startswith(b"{") else json.loads(path.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise PlanError(f"data.{name}.files: {path} is not JSON / JSON lines; fix the file or set format: text") from None
+            record = record[0] if isinstance(record, list) and record else record
+            if not isinstance(record, dict) or corpus.field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise PlanError(f"data.{name}.field: {path} has no field '{corpus.field}' (has {keys}); set field:")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if not device.startswith("cuda"):
+        raise PlanError(f"model.device: {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise PlanError(f"model.device: {device} asked for but no CUDA GPU is visible; use device: auto (or cpu)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise PlanError(f"model.device: {device}: only {torch.cuda.device_count()} GPU(s) visible; use a lower index")
+
+
+def check(params: Params, plan: Plan) -> None:
+    """Raise PlanError (one line) for anything that would fail once work has started."""
+    ev = params.evaluate
+    if ev.seq_len > ev.max_tokens:
+        raise PlanError(f"evaluate.seq_len: {ev.seq_len} is more than evaluate.max_tokens {ev.max_tokens}, so no window "
+                        f"fits; raise max_tokens or lower seq_len")
+    for name, node in plan.nodes.items():
+        if len(name.encode()) > MAX_NODE_NAME:
+            raise PlanError(f"ordering '{node.orderings[0]}': node name is {len(name.encode())} bytes (limit "
+                            f"{MAX_NODE_NAME}: it names a directory); use shorter stage config names")
+    _check_device(params.model.device)
+    for name, corpus in [("calibration", params.data.calibration), ("domain", params.data.domain),
+                         *((f"eval.{k}", v) for k, v in params.data.eval.items())]:
+        _check_corpus(name, corpus)
+    used = {c for chain in params.orderings.values() for c in chain}
+    config = model_config(params.model.source)
+    linears: dict[str, int] | None = None
+    for cname in sorted(used):
+        cfg = params.stages[cname]
+        if isinstance(cfg, PruneCfg) and cfg.nm or isinstance(cfg, QuantMethodCfg) and cfg.method == "gptq":
+            linears = linears if linears is not None else block_linears(config)
+            width, what = ((cfg.nm[1], f"the group of {cfg.nm[1]} of pattern {cfg.pattern}") if isinstance(cfg, PruneCfg)
+                           else (cfg.group_size, f"group_size {cfg.group_size}"))
+            field = "pattern" if isinstance(cfg, PruneCfg) else "group_size"
+            bad = {n: f for n, f in linears.items() if width > 0 and f % width}
+            if bad:
+                n, f = next(iter(bad.items()))
+                divisors = sorted({d for d in (32, 64, 128) if all(v % d == 0 for v in linears.values())})
+                hint = f"; e.g. {divisors[-1]}" if divisors and field == "group_size" else ""
+                raise PlanError(f"stages.{cname}.{field}: {what} does not divide in_features {f} of {n}; use a "
+                                f"width that divides every layer's in_features {sorted(set(linears.values()))}{hint}")
+        if isinstance(cfg, PeftCfg) and "lora" in cfg.methods:
+            linears = linears if linears is not None else block_linears(config)
+            names = {n.rsplit(".", 1)[-1] for n in linears}
+            missing = [t for t in cfg.lora_targets if t not in names]
+            if missing:
+                raise PlanError(f"stages.{cname}.lora_targets: {missing} not in the model; its linear layers are "
+                                f"{sorted(names)}")
