@@ -208,6 +208,16 @@ def peft_dir(artifact: Path) -> Path:
     return Path(artifact) / "peft"
 
 
+def seed_dir(artifact: Path, seed: int) -> Path:
+    """PEFT parts trained with another seed (a peft stage with several seeds), in the same layout as peft/."""
+    return peft_dir(artifact) / "seeds" / str(seed)
+
+
+def extra_seeds(artifact: Path) -> list[int]:
+    root = peft_dir(artifact) / "seeds"
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -58,8 +58,10 @@ class DataCfg(Strict):
 class EvaluateCfg(Strict):
     seq_len: int = Field(512, ge=8, description="window length of the perplexity windows (non-overlapping)")
     max_tokens: int = Field(8192, ge=8, description="token budget per corpus; the remainder of the last window is dropped")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass (raise on GPU)")
     latency_prompt: int = Field(128, ge=1)
-    latency_new_tokens: int = Field(16, ge=1)
+    latency_new_tokens: int = Field(64, ge=1)
+    latency_repeats: int = Field(3, ge=1, description="timed runs after one warm-up; the median is reported")
     merge_check_windows: int = Field(2, ge=1, description="windows used to measure the merge error")
 
 
@@ -123,6 +125,8 @@ class PeftCfg(Strict):
     batch_size: int = Field(2, ge=1)
     seq_len: int = Field(128, ge=8)
     lr: float = Field(1e-3, gt=0)
+    seeds: list[int] | None = Field(None, min_length=1, description="train once per seed (default: the global seed); "
+                                    "the first seed's parts feed the children, the report gives mean and spread")
 
     @field_validator("methods")
     @classmethod

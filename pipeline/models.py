@@ -184,12 +184,14 @@ def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device,
     return (model if kw else model.to(device)).eval(), tok
 
 
-def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: torch.dtype | None = None) -> LM:
+def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: torch.dtype | None = None,
+            seed: int | None = None) -> LM:
     """An artifact as an LM: its base weights (its own or a referenced ancestor's), LoRA, adapters, prompt.
 
     Both the artifact and the one holding its weights are verified against their manifests first (a corrupt or
     partial artifact fails here, naming the file). dequantize_base=True turns an NF4 / GPTQ base into fp weights
-    before LoRA is attached (what merge needs); `dtype` overrides the compute dtype (merge folds in fp32).
+    before LoRA is attached (what merge needs); `dtype` overrides the compute dtype (merge folds in fp32);
+    `seed` picks the PEFT parts of another training seed (peft/seeds/<seed>/).
     """
     device = device_of(cfg)
     dtype = dtype or dtype_of(cfg, device)
@@ -200,7 +202,7 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: 
     model, tok = load_base(wdir, man["format"], cfg, device, dtype)
     if dequantize_base and man["format"] in ("nf4", "gptq"):
         model = dequantize(model, dtype)
-    peft = artifact.peft_dir(path)
+    peft = artifact.peft_dir(path) if seed is None else artifact.seed_dir(path, seed)
     if (peft / "lora").is_dir():
         from peft import PeftModel  # imported only when needed: it costs seconds per process
 

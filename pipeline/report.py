@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import stats
 from .config import Params
 from .plan import build_plan
 from .runner import metrics_fingerprint, metrics_path
@@ -36,7 +37,7 @@ def load_rows(params: Params, root: Path = Path(".")) -> list[dict]:
 def pareto(rows: list[dict], corpus: str) -> list[str]:
     """Nodes no other node beats on both bytes and perplexity on `corpus`."""
     front, best = [], float("inf")
-    for r in sorted(rows, key=lambda r: (r["size"]["bytes"], r["ppl"][corpus])):
+    for r in sorted(rows, key=lambda r: (r["size"]["bytes"], r["ppl"][corpus])):  # point estimates; the table has intervals
         if r["ppl"][corpus] < best:
             front.append(r["node"])
             best = r["ppl"][corpus]
@@ -47,13 +48,55 @@ def _mb(b: int) -> str:
     return f"{b / 2**20:.1f}"
 
 
+DOMAIN = "domain_heldout"
+
+
+def accuracy_items(task: dict) -> list[float]:
+    """Per-item correctness of a zero-shot task's main metric (acc_norm where the task has it, else acc)."""
+    return task["items_norm"] if task["metric"] == "acc_norm" else task["items"]
+
+
+def tasks_of(rows: list[dict]) -> list[str]:
+    return list(rows[0].get("zeroshot", {}))
+
+
+def diff(a: dict, b: dict, what: str) -> stats.Interval:
+    """b minus a on the same windows (perplexity on a corpus) or items (accuracy on a task 'acc:<task>')."""
+    if what.startswith("acc:"):
+        t = what[4:]
+        return stats.paired_mean_diff(accuracy_items(a["zeroshot"][t]), accuracy_items(b["zeroshot"][t]))
+    return stats.paired_ppl_diff(a["nll_per_window"][what], b["nll_per_window"][what])
+
+
+def fmt_diff(d: stats.Interval, digits: int = 2, pct: bool = False) -> str:
+    """'+1.23 [+0.40, +2.10]' with a * when the paired 95% interval excludes 0, else 'n.s.'."""
+    f = (lambda x: f"{100 * x:+.{digits - 1}f}") if pct else (lambda x: f"{x:+.{digits}f}")
+    return f"{f(d.estimate)} [{f(d.lo)}, {f(d.hi)}]" + (" *" if d.significant else " n.s.")
+
+
+def _ci(value: float, ci: list[float] | None, digits: int = 2, pct: bool = False) -> str:
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.{digits}f}")
+    return f"{f(value)} [{f(ci[0])}, {f(ci[1])}]" if ci else f(value)
+
+
+def _seed_note(r: dict) -> str | None:
+    if "seeds" not in r:
+        return None
+    values = [r["ppl"][DOMAIN]] + [s["ppl"][DOMAIN] for s in r["seeds"].values()]
+    mean, sd = stats.spread(values)
+    return f"domain ppl over {len(values)} seeds {mean:.2f} ± {sd:.2f} (sd)"
+
+
 def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
-    leaf_of = {}
+    leaf_of: dict[str, list[str]] = {}
     for o, n in leaves.items():
         leaf_of.setdefault(n, []).append(o)
+    by = {r["node"]: r for r in rows}
     base = rows[0]
-    head = (["node", "ordering (leaf)", "state"] + [f"ppl {c}" for c in corpora] +
-            ["Δ domain ppl vs base", "params", "PEFT params", "sparsity", "bits/w", "MB deploy", "MB stored",
+    tasks = tasks_of(rows)
+    head = (["node", "ordering (leaf)", "state"] + [f"ppl {c} [95% CI]" for c in corpora] +
+            ["Δ domain ppl vs parent", "Δ domain ppl vs base"] + [f"acc {t} % [95% CI]" for t in tasks] +
+            ["params", "PEFT params", "sparsity", "bits/w", "MB deploy", "MB stored",
              "prefill tok/s", "decode tok/s", "peak MB", "stage s", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -65,10 +108,18 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
         if "train" in r:
             t = r["train"]
             notes.append(f"train loss {t['loss_first']:.2f}→{t['loss_last']:.2f}, {t['tokens_per_s']:.0f} tok/s")
-        d = r["ppl"]["domain_heldout"] - base["ppl"]["domain_heldout"]
+        if _seed_note(r):
+            notes.append(_seed_note(r))
+        parent = by.get("-".join(r["chain"][:-1]) or "base") if r["chain"] else None
+        acc = []
+        for t in tasks:
+            z = r["zeroshot"][t]
+            acc.append(_ci(z[z["metric"]], z.get("ci95"), pct=True))
         cells = ([f"`{r['node']}`", ", ".join(leaf_of.get(r["node"], [])) or "", r["state"]] +
-                 [f"{r['ppl'][c]:.2f}" for c in corpora] +
-                 [f"{d:+.2f}", f"{r['params']['total'] / 1e6:.1f}M", f"{r['params']['peft']:,}", f"{r['params']['sparsity']:.1%}",
+                 [_ci(r["ppl"][c], r.get("ppl_ci95", {}).get(c)) for c in corpora] +
+                 [fmt_diff(diff(parent, r, DOMAIN)) if parent else "", fmt_diff(diff(base, r, DOMAIN)) if parent else ""] +
+                 acc +
+                 [f"{r['params']['total'] / 1e6:.1f}M", f"{r['params']['peft']:,}", f"{r['params']['sparsity']:.1%}",
                   f"{r['size']['bits_per_weight']:.2f}", _mb(r["size"]["bytes"]), _mb(r["size"]["own_bytes"]),
                   f"{r['latency']['prefill_tok_s']:.0f}", f"{r['latency']['decode_tok_s']:.1f}",
                   f"{r['peak_memory_mb']['stage+eval']:.0f}", f"{r['stage_seconds']:.0f}", "; ".join(notes)])
@@ -76,18 +127,47 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def winner(rows: list[dict], candidates: list[str], what: str, label: str) -> str:
+    """Name the best candidate on `what` only if it is significantly better than every other; else say who is tied."""
+    by = {r["node"]: r for r in rows}
+    higher_better = what.startswith("acc:")
+
+    def value(n: str) -> float:
+        if higher_better:
+            z = by[n]["zeroshot"][what[4:]]
+            return z[z["metric"]]
+        return by[n]["ppl"][what]
+
+    ranked = sorted(set(candidates), key=value, reverse=higher_better)
+    best = ranked[0]
+    tied = [n for n in ranked[1:] if not diff(by[best], by[n], what).significant]
+    unit = (lambda n: f"{100 * value(n):.1f}%") if higher_better else (lambda n: f"{value(n):.2f}")
+    if not tied:
+        if len(ranked) == 1:
+            return f"{label}: only `{best}` ({unit(best)})."
+        closest = ranked[1]
+        d = diff(by[best], by[closest], what)
+        return (f"{label}: **`{best}`** ({unit(best)}), significantly better than every other candidate "
+                f"(closest `{closest}`: {fmt_diff(d, pct=higher_better)}, paired 95% interval).")
+    return (f"{label}: no single winner. `{best}` ({unit(best)}) is tied with " +
+            ", ".join(f"`{n}` ({unit(n)})" for n in tied) + " (paired 95% intervals of their differences include 0)" +
+            (f"; the rest are significantly worse." if len(tied) + 1 < len(ranked) else "."))
+
+
 def advice(rows: list[dict], leaves: dict[str, str]) -> list[str]:
     by = {r["node"]: r for r in rows}
-    out = []
-    ranked = sorted(leaves.items(), key=lambda kv: by[kv[1]]["ppl"]["domain_heldout"])
-    best_o, best_n = ranked[0]
-    out.append(f"Best domain perplexity: **{best_o}** (`{best_n}`, {by[best_n]['ppl']['domain_heldout']:.2f}, "
-               f"{_mb(by[best_n]['size']['bytes'])} MB).")
-    smallest_o, smallest_n = min(leaves.items(), key=lambda kv: (by[kv[1]]["size"]["bytes"], by[kv[1]]["ppl"]["domain_heldout"]))
+    leaf_nodes = list(dict.fromkeys(leaves.values()))
+    out = [winner(rows, leaf_nodes, DOMAIN, "Best domain perplexity among the orderings")]
+    for t in tasks_of(rows):
+        out.append(winner(rows, leaf_nodes, f"acc:{t}", f"Best {t} accuracy among the orderings"))
+    smallest_o, smallest_n = min(leaves.items(), key=lambda kv: (by[kv[1]]["size"]["bytes"], by[kv[1]]["ppl"][DOMAIN]))
     out.append(f"Smallest deployable: **{smallest_o}** (`{smallest_n}`, {_mb(by[smallest_n]['size']['bytes'])} MB, "
-               f"domain ppl {by[smallest_n]['ppl']['domain_heldout']:.2f}).")
-    front = pareto(rows, "domain_heldout")
+               f"domain ppl {by[smallest_n]['ppl'][DOMAIN]:.2f}).")
+    front = pareto(rows, DOMAIN)
     out.append("Pareto-optimal (bytes vs domain ppl): " + ", ".join(f"`{n}`" for n in front) + ".")
+    on_base = [r["node"] for r in rows if len(r["chain"]) == 1 and r["kind"] == "peft"]
+    if len(on_base) > 1:  # the hybrid against the single-method baselines, on the same base and data
+        out.append(winner(rows, on_base, DOMAIN, "PEFT methods on the base model (domain perplexity)"))
     flagged = [r["node"] for r in rows if r.get("flags")]
     if flagged:
         out.append("Flagged orders: " + ", ".join(f"`{n}` ({'; '.join(by[n]['flags'])})" for n in flagged) + ".")
@@ -128,6 +208,9 @@ def plot(rows: list[dict], corpora: list[str], leaves: dict[str, str], path: Pat
             x, y = r["size"]["bytes"] / 2**20, r["ppl"][corpus]
             kind = "base" if r["node"] == "base" else ("leaf" if r["node"] in leaf_nodes else "intermediate")
             style = {"base": ("k", "*", 160), "leaf": ("tab:red", "o", 60), "intermediate": ("tab:blue", ".", 40)}[kind]
+            ci = r.get("ppl_ci95", {}).get(corpus)
+            if ci:  # the 95% bootstrap interval: overlapping bars are a warning against reading a ranking
+                ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], fmt="none", ecolor=style[0], alpha=0.5, lw=1, zorder=2)
             ax.scatter(x, y, c=style[0], marker=style[1], s=style[2], zorder=3,
                        edgecolors="gold" if r["node"] in front else "none", linewidths=1.5)
             label = r["node"] if kind != "leaf" else f"{r['node']} ({', '.join(o for o, n in leaves.items() if n == r['node'])})"
@@ -142,7 +225,7 @@ def plot(rows: list[dict], corpora: list[str], leaves: dict[str, str], path: Pat
         ax.set_xlabel("bytes to deploy (MB)")
         ax.set_xlim(right=ax.get_xlim()[1] + 0.35 * (ax.get_xlim()[1] - ax.get_xlim()[0]))  # room for labels
         ax.set_ylabel(f"perplexity, {corpus} (lower is better)")
-        ax.set_title(f"{corpus}: quality vs size (★ base, ● ordering leaf, · intermediate)", fontsize=9)
+        ax.set_title(f"{corpus}: quality vs size (★ base, ● ordering leaf, · intermediate; bars: 95% CI)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -157,17 +240,32 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     out = root / REPORTS
     out.mkdir(parents=True, exist_ok=True)
     ev = rows[0]["eval"]
-    tokens = ", ".join(f"{c}: {n:,} tokens" for c, n in ev["tokens"].items())
+    conventions = "; ".join(f"**{c}**: {ev['tokens'][c]:,} tokens = {ev['windows'][c]} windows, {ev['conventions'][c]}"
+                            for c in corpora)
+    zs = rows[0].get("zeroshot", {})
+    zs_line = ("Zero-shot accuracy (lm-evaluation-harness, local copies of the data; acc_norm where the task defines it): " +
+               ", ".join(f"{t} {z['n']} items" for t, z in zs.items()) + ". ") if zs else ""
     md = ["# Compression orderings compared", "",
-          f"Perplexity: non-overlapping windows of {ev['seq_len']} tokens ({tokens}; remainder dropped). "
+          f"Perplexity over non-overlapping windows of {ev['seq_len']} tokens (remainder dropped): {conventions}. "
+          f"{zs_line}Every value has a 95% bootstrap interval over windows / items; every Δ is a paired bootstrap "
+          "interval on the same windows, marked * where it excludes 0 and n.s. where it does not. "
           "`MB deploy` = base weights + PEFT files needed to serve the node; `MB stored` = what its artifact itself holds "
           "(adapter-only nodes reference their parent's weights).", "",
           *[f"- {line}" for line in advice(rows, plan.leaves)], "",
           table(rows, corpora, plan.leaves), "", "![Pareto plot](pareto.png)", ""]
     (out / "compare.md").write_text("\n".join(md))
-    summary = {r["node"]: {**{f"ppl_{c}": r["ppl"][c] for c in corpora}, "mb": round(r["size"]["bytes"] / 2**20, 2),
-                           "bits_per_weight": r["size"]["bits_per_weight"], "sparsity": r["params"]["sparsity"],
-                           "decode_tok_s": r["latency"]["decode_tok_s"]} for r in rows}
+    summary = {}
+    for r in rows:
+        entry = {}
+        for c in corpora:
+            entry[f"ppl_{c}"] = r["ppl"][c]
+            lo, hi = r["ppl_ci95"][c]
+            entry[f"ppl_{c}_lo"], entry[f"ppl_{c}_hi"] = lo, hi
+        for t, z in r.get("zeroshot", {}).items():
+            entry[f"acc_{t}"] = round(z[z["metric"]], 4)
+        entry.update({"mb": round(r["size"]["bytes"] / 2**20, 2), "bits_per_weight": r["size"]["bits_per_weight"],
+                      "sparsity": r["params"]["sparsity"], "decode_tok_s": r["latency"]["decode_tok_s"]})
+        summary[r["node"]] = entry
     (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(rows, corpora, plan.leaves, out / "pareto.png")
     return {"rows": rows, "markdown": "\n".join(md), "summary": summary}

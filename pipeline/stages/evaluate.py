@@ -12,16 +12,30 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import artifact, data
+from .. import artifact, data, stats
 from ..config import Params
 from ..models import LM, dense_weight, load_lm
 
 
 @torch.no_grad()
-def perplexity(lm: LM, ids: torch.Tensor, seq_len: int, desc: str = "ppl") -> float:
+def window_nlls(lm: LM, ids: torch.Tensor, seq_len: int, batch_size: int = 8, desc: str = "ppl") -> list[float]:
+    """Mean next-token NLL of each non-overlapping window, `batch_size` windows per forward. Kept per window so the
+    report can bootstrap intervals and pair nodes on the same windows."""
     wins = data.windows(ids, seq_len)
-    nll = sum(lm.loss(w[None]).item() for w in tqdm(wins, desc=desc, unit="win", leave=False))
-    return math.exp(nll / len(wins))
+    out: list[float] = []
+    with tqdm(total=len(wins), desc=desc, unit="win", leave=False) as bar:
+        for i in range(0, len(wins), batch_size):
+            batch = wins[i: i + batch_size].to(lm.device)
+            logits = lm.logits(batch)[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+            out.extend(nll.tolist())
+            bar.update(len(batch))
+    return out
+
+
+def perplexity(lm: LM, ids: torch.Tensor, seq_len: int, batch_size: int = 8, desc: str = "ppl") -> float:
+    nll = window_nlls(lm, ids, seq_len, batch_size, desc)
+    return math.exp(sum(nll) / len(nll))
 
 
 @torch.no_grad()
@@ -57,35 +71,40 @@ def size_stats(path: Path, n_params: int) -> dict:
     """Bytes a deployment needs (base weights, referenced or own, + PEFT files) and what this artifact stores."""
     wdir = artifact.weights_dir(path)
     weight_bytes = sum(f.stat().st_size for f in wdir.glob("*.safetensors"))
-    peft_bytes = artifact.dir_bytes(artifact.peft_dir(path))
+    peft = artifact.peft_dir(path)
+    peft_bytes = artifact.dir_bytes(peft) - artifact.dir_bytes(peft / "seeds")  # other seeds are not deployed
     return {"bytes": weight_bytes + peft_bytes, "weight_bytes": weight_bytes, "peft_bytes": peft_bytes,
             "own_bytes": artifact.dir_bytes(path), "bits_per_weight": round(8 * weight_bytes / n_params, 3)}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # CUDA runs asynchronously: without this a timer measures the launch, not the work
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def latency(lm: LM, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy generation with the KV cache: prefill tokens/s over the prompt, decode tokens/s after it."""
+def latency(lm: LM, ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict:
+    """Greedy generation with the KV cache: prefill tokens/s over the prompt, decode tokens/s after it.
+    One warm-up run, then the median of `repeats` runs, synchronized on GPU."""
     prompt = ids[None]
-
-    def prefill():
-        return lm.model(inputs_embeds=lm.embeds(prompt), use_cache=True)
-
-    prefill()  # warm-up
-    t_prefill = float("inf")
-    for _ in range(3):  # best of 3: one run on a busy CPU is noise
+    prefill_s, decode_s = [], []
+    for i in range(repeats + 1):
+        _sync(lm.device)
         t0 = time.perf_counter()
-        out = prefill()
-        t_prefill = min(t_prefill, time.perf_counter() - t0)
-    past = out.past_key_values
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        out = lm.model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    t_decode = time.perf_counter() - t0
-    return {"prefill_tok_s": round(prompt.shape[1] / t_prefill, 1), "decode_tok_s": round(new_tokens / t_decode, 2),
-            "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens}
+        out = lm.model(inputs_embeds=lm.embeds(prompt), use_cache=True)
+        _sync(lm.device)
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new_tokens):
+            out = lm.model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(lm.device)
+        if i:  # the first run warms up kernels and allocator
+            prefill_s.append(t1 - t0)
+            decode_s.append(time.perf_counter() - t1)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"prefill_tok_s": round(prompt.shape[1] / med(prefill_s), 1), "decode_tok_s": round(new_tokens / med(decode_s), 2),
+            "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens, "repeats": repeats}
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -101,26 +120,43 @@ def peak_memory_mb(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def corpus_nlls(lm: LM, params: Params) -> tuple[dict[str, list[float]], torch.Tensor]:
+    """Per-window NLLs on every eval corpus (the domain held-out split included); also the first corpus' ids."""
+    ev = params.evaluate
+    nll, first_ids = {}, None
+    for name, text in data.eval_texts(params.data).items():
+        ids = data.tokenize(lm.tokenizer, text, ev.max_tokens)
+        first_ids = ids if first_ids is None else first_ids
+        nll[name] = [round(x, 6) for x in window_nlls(lm, ids, ev.seq_len, ev.batch_size, desc=f"ppl {name}")]
+        if not all(math.isfinite(x) for x in nll[name]):
+            raise FloatingPointError(f"perplexity on {name} is nan / inf (NaN / inf weights or activations: a corrupt "
+                                     f"artifact or a diverged stage); delete the artifact and run its node again")
+    return nll, first_ids
+
+
 def run(path: Path, params: Params) -> dict:
     ev = params.evaluate
     t0 = time.perf_counter()
     lm = load_lm(path, params.model)
     params_ = param_stats(lm)  # before any forward: GPTQModel's CPU kernel repacks its weights on the first one
-    ppl, tokens = {}, {}
-    first_ids = None
-    for name, text in data.eval_texts(params.data).items():
-        ids = data.tokenize(lm.tokenizer, text, ev.max_tokens)
-        first_ids = ids if first_ids is None else first_ids
-        tokens[name] = (ids.numel() // ev.seq_len) * ev.seq_len
-        ppl[name] = round(perplexity(lm, ids, ev.seq_len, desc=f"ppl {name}"), 4)
-        if not math.isfinite(ppl[name]):
-            raise FloatingPointError(f"{path}: perplexity on {name} is {ppl[name]} (NaN / inf weights or activations: "
-                                     f"a corrupt artifact or a diverged stage); delete it and run its node again")
+    nll, first_ids = corpus_nlls(lm, params)
+    ppl = {k: round(math.exp(sum(v) / len(v)), 4) for k, v in nll.items()}
+    ppl_ci = {k: stats.ppl_interval(v).as_list()[1:] for k, v in nll.items()}
+    tokens = {k: len(v) * ev.seq_len for k, v in nll.items()}
+    seeds = {}
+    for seed in artifact.extra_seeds(path):  # the same node trained with other seeds: same windows
+        seeds[seed] = corpus_nlls(load_lm(path, params.model, seed=seed), params)[0]
     return {
         "ppl": ppl,
-        "eval": {"seq_len": ev.seq_len, "tokens": tokens},
+        "ppl_ci95": ppl_ci,
+        "nll_per_window": nll,
+        "eval": {"seq_len": ev.seq_len, "tokens": tokens, "windows": {k: len(v) for k, v in nll.items()},
+                 "conventions": {k: data.convention(c) for k, c in params.data.eval.items()} |
+                 {"domain_heldout": f"tail {params.data.domain.heldout_fraction:.0%} of the domain corpus ({data.convention(params.data.domain)})"}},
         "params": params_,
         "size": size_stats(path, params_["total"]),
-        "latency": latency(lm, first_ids[: ev.latency_prompt], ev.latency_new_tokens),
+        "latency": latency(lm, first_ids[: ev.latency_prompt], ev.latency_new_tokens, ev.latency_repeats),
+        **({"seeds": {str(k): {"ppl": {c: round(math.exp(sum(v) / len(v)), 4) for c, v in n.items()},
+                               "nll_per_window": n} for k, n in seeds.items()}} if seeds else {}),
         "eval_seconds": round(time.perf_counter() - t0, 2),
     }

@@ -66,7 +66,7 @@ def run(src: Path, cfg: MergeCfg, out: Path, params: Params) -> dict:
     save_weights(lm.model, lm.tokenizer, out)
     save_hybrid(lm, out)
     return {"format": "hf", "weights": ".",
-            "merge_error": {"max_abs_logit_diff": round(max_diff, 5), "ppl_unmerged": round(ppl_unmerged, 4),
+            "merge_error": {"max_abs_logit_diff": float(f"{max_diff:.3g}"), "ppl_unmerged": round(ppl_unmerged, 4),
                             "ppl_merged": round(ppl_merged, 4), "windows": len(wins), "seq_len": ev.seq_len,
                             "dequantized_from": state.get("quant"), "kept_mask": bool(masks),
                             "folded_in": "float32", "saved_as": str(run_dtype).removeprefix("torch.")}}

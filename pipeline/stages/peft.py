@@ -73,8 +73,7 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, ids: torch.Te
             "trainable_params": sum(p.numel() for p in params_), "peak_memory_mb": peak_memory_mb(lm.device)}
 
 
-def save_peft(lm: LM, out: Path) -> None:
-    peft = artifact.peft_dir(out)
+def save_peft(lm: LM, peft: Path) -> None:
     if hasattr(lm.model, "peft_config"):
         lm.model.save_pretrained(peft / "lora", safe_serialization=True)
     if lm.hybrid is not None:
@@ -82,10 +81,20 @@ def save_peft(lm: LM, out: Path) -> None:
 
 
 def run(src: Path, cfg: PeftCfg, out: Path, params: Params) -> dict:
-    lm = load_lm(src, params.model)
-    trainable = add_peft(lm, cfg, params.seed)
-    ids = data.tokenize(lm.tokenizer, data.domain_split(params.data.domain)[0])
-    stats = train(lm, trainable, cfg, ids, params.seed)
-    save_peft(lm, out)
+    """Train once per seed. The first seed's parts are the node's (peft/, what children build on); the others are
+    kept beside them (peft/seeds/<seed>/), so evaluation reports the spread over seeds, not one lucky run."""
+    seeds = cfg.seeds or [params.seed]
+    runs = []
+    for i, seed in enumerate(seeds):
+        lm = load_lm(src, params.model)
+        trainable = add_peft(lm, cfg, seed)
+        ids = data.tokenize(lm.tokenizer, data.domain_split(params.data.domain)[0])
+        runs.append({"seed": seed, **train(lm, trainable, cfg, ids, seed)})
+        peft = artifact.peft_dir(out)
+        save_peft(lm, peft if i == 0 else artifact.seed_dir(out, seed))
+        del lm, trainable
     fmt = artifact.read_manifest(src)["format"]
-    return {"format": fmt, "weights": os.path.relpath(artifact.weights_dir(src), out.resolve()), "train": stats}
+    info = {"format": fmt, "weights": os.path.relpath(artifact.weights_dir(src), out.resolve()), "train": runs[0]}
+    if len(runs) > 1:
+        info["train_seeds"] = runs
+    return info

@@ -1,0 +1,125 @@
+"""Evaluation that can decide: faithful corpora (pinned streams), per-window NLLs batched, bootstrap intervals, and
+advice that names a winner only when the paired difference is significant."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from pipeline import data, report, stats
+from pipeline.config import load_params
+
+# sha256 of each evaluation / training stream of the default params, and its first characters: a change of reading
+# convention (line breaks doubled, rows joined differently, a split moved) cannot pass silently.
+PINNED = {
+    "wikitext2": ("696cca6b65a171b0", 1294336, "\n\n = Robert Boulter = \n\n\n\n\n Robert Boult"),
+    "domain_train": ("9e2b074a547cbfd3", 1003856, "First Citizen:\nBefore we proceed any fur"),
+    "domain_heldout": ("8da17b632681ba1c", 111538, "\nGREMIO:\nGood morrow, neighbour Baptista"),
+    "calibration": ("4f9e1a19d11b31bc", 2191455, "Beginners BBQ Class Taking Place in Miss"),
+}
+
+
+def _streams() -> dict[str, str]:
+    params = load_params(ROOT / "params.yaml")
+    train, heldout = data.domain_split(params.data.domain)
+    return {"wikitext2": data.corpus_text(params.data.eval["wikitext2"]), "domain_train": train, "domain_heldout": heldout,
+            "calibration": data.corpus_text(params.data.calibration)}
+
+
+def test_evaluation_streams_are_pinned():
+    got = {k: (hashlib.sha256(v.encode()).hexdigest()[:16], len(v), v[:40]) for k, v in _streams().items()}
+    assert got == PINNED, got
+
+
+def test_wikitext_follows_the_hf_split_convention():
+    text = _streams()["wikitext2"]
+    lines = (ROOT / "data" / "wikitext2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert text == "\n\n".join(line if line.strip() else "" for line in lines)  # GPTQ / Wanda / SparseGPT
+
+
+def test_plain_text_is_read_as_it_is():
+    train, heldout = _streams()["domain_train"], _streams()["domain_heldout"]
+    raw = (ROOT / "data" / "tinyshakespeare" / "input.txt").read_text()
+    assert train + heldout == raw and "\n\n\n" not in raw[:5000]  # no doubled line breaks
+    assert train.endswith("\n")  # the split falls at a line start
+
+
+def test_batched_windows_equal_one_at_a_time(tiny_model):
+    from pipeline.config import ModelCfg
+    from pipeline.models import LM, load_base
+    from pipeline.stages.evaluate import window_nlls
+
+    cfg = ModelCfg(source=str(tiny_model), device="cpu")
+    model, tok = load_base(tiny_model, "hf", cfg, torch.device("cpu"))
+    lm = LM(model, tok, None, torch.device("cpu"))
+    ids = torch.randint(0, len(tok), (64 * 7,))
+    one = window_nlls(lm, ids, 64, batch_size=1)
+    batched = window_nlls(lm, ids, 64, batch_size=4)  # 4 + 3: a ragged last batch too
+    assert len(one) == 7 and np.allclose(one, batched, atol=1e-5)
+    with torch.no_grad():  # and equal to the model's own mean loss per window
+        ref = [lm.loss(w[None]).item() for w in ids.view(7, 64)]
+    assert np.allclose(one, ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bootstrap on known inputs
+def test_ppl_interval_covers_and_shrinks():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(3.0, 0.3, 8), rng.normal(3.0, 0.3, 800)
+    a, b = stats.ppl_interval(list(few)), stats.ppl_interval(list(many))
+    assert a.lo < a.estimate < a.hi and b.lo < math.exp(3.0) < b.hi
+    assert (b.hi - b.lo) < (a.hi - a.lo) / 5  # ~ 1/sqrt(n)
+    assert stats.ppl_interval([2.0] * 5).as_list() == [round(math.exp(2), 4)] * 3  # no spread, no width
+
+
+def test_accuracy_interval_matches_the_normal_approximation():
+    items = [1.0] * 300 + [0.0] * 700
+    iv = stats.mean_interval(items)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 1000)
+    assert iv.estimate == pytest.approx(0.3) and iv.lo == pytest.approx(0.3 - half, abs=0.006) and iv.hi == pytest.approx(0.3 + half, abs=0.006)
+
+
+def test_paired_difference_sees_what_unpaired_intervals_hide():
+    rng = np.random.default_rng(1)
+    windows = rng.normal(3.0, 0.5, 40)  # windows differ a lot; node b is uniformly 1% worse in NLL
+    a, b = list(windows), list(windows + 0.01)
+    ia, ib = stats.ppl_interval(a), stats.ppl_interval(b)
+    assert ia.hi > ib.lo  # the marginal intervals overlap ...
+    d = stats.paired_ppl_diff(a, b)
+    assert d.significant and d.lo > 0  # ... the paired difference does not include 0
+    noise = list(windows + rng.normal(0, 0.05, 40))
+    assert not stats.paired_ppl_diff(a, noise).significant
+    with pytest.raises(ValueError, match="same windows"):
+        stats.paired_ppl_diff(a, a[:-1])
+
+
+def test_paired_accuracy_difference():
+    a = [1.0, 0.0] * 200
+    assert not stats.paired_mean_diff(a, a).significant
+    b = [1.0, 1.0] * 200
+    d = stats.paired_mean_diff(a, b)
+    assert d.estimate == pytest.approx(0.5) and d.significant
+
+
+# ---------------------------------------------------------------- significance wording in the advice
+def _row(node: str, nll: list[float], chain: tuple[str, ...] = ("x",), kind: str = "peft") -> dict:
+    return {"node": node, "chain": list(chain), "kind": kind, "ppl": {"domain_heldout": math.exp(sum(nll) / len(nll))},
+            "nll_per_window": {"domain_heldout": nll}, "size": {"bytes": 100}, "flags": []}
+
+
+def test_advice_names_a_winner_only_when_significant():
+    rng = np.random.default_rng(2)
+    w = rng.normal(3.0, 0.4, 30)
+    best, close, far = _row("a", list(w)), _row("b", list(w + rng.normal(0.002, 0.03, 30))), _row("c", list(w + 0.3))
+    line = report.winner([best, close, far], ["a", "b", "c"], "domain_heldout", "Best")
+    assert "no single winner" in line and "`a`" in line and "`b`" in line and "rest are significantly worse" in line
+    line = report.winner([best, far], ["a", "c"], "domain_heldout", "Best")
+    assert "**`a`**" in line and "significantly better than every other" in line and "*" in line
+
+
+def test_diff_formatting():
+    assert report.fmt_diff(stats.Interval(1.0, 0.5, 1.5)) == "+1.00 [+0.50, +1.50] *"
+    assert report.fmt_diff(stats.Interval(0.1, -0.2, 0.4)).endswith("n.s.")
