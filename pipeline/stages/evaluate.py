@@ -26,9 +26,11 @@ def window_nlls(lm: LM, ids: torch.Tensor, seq_len: int, batch_size: int = 8, de
     with tqdm(total=len(wins), desc=desc, unit="win", leave=False) as bar:
         for i in range(0, len(wins), batch_size):
             batch = wins[i: i + batch_size].to(lm.device)
-            logits = lm.logits(batch)[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
-            out.extend(nll.tolist())
+            logits = lm.logits(batch).float()  # fp32 log-softmax, as HF's loss does
+            # targets shifted by padding, not logits by slicing: slicing [B, L, vocab] would copy it
+            targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100)
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            out.extend((nll.view(batch.shape).sum(1) / (seq_len - 1)).tolist())
             bar.update(len(batch))
     return out
 

@@ -1,0 +1,122 @@
+"""The whole default trie at real budgets (params-gpu.yaml) on one GPU, in one process, timed per node; then the
+comparison report, and the evaluation throughput against a plain HF forward loop at the same batch.
+
+    python bench/gpu_trie.py --params params-gpu.yaml --root runs/gpu --out $OUT      # on the H200 (device tool)
+    python bench/gpu_trie.py --params params.yaml --root runs/cpu --nodes base         # a CPU dry run
+
+Writes <out>/gpu_trie.json (per node: load, stage, eval seconds; the whole trie's wall time; start + imports) and
+copies the report (compare.md, compare.json, pareto.png) beside it. Prints a short table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+
+T_START = time.perf_counter()
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import data, models, report  # noqa: E402
+from pipeline.checks import check  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from pipeline.plan import build_plan  # noqa: E402
+from pipeline.runner import artifact_path, run_node  # noqa: E402
+from pipeline.stages.evaluate import window_nlls  # noqa: E402
+
+T_IMPORTS = time.perf_counter() - T_START
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def eval_throughput(params, root: Path, batch: int) -> dict:
+    """Tokens/s of the evaluation's window loop vs a plain HF forward loop (logits + loss) on the same windows and
+    batch, on the base node; best of two each, alternating."""
+    lm = models.load_lm(artifact_path("base", root), params.model)
+    text = next(iter(data.eval_texts(params.data).values()))
+    ids = data.tokenize(lm.tokenizer, text, params.evaluate.seq_len * batch * 16)
+    wins = data.windows(ids, params.evaluate.seq_len)
+
+    def plain() -> None:
+        for i in range(0, len(wins), batch):
+            x = wins[i: i + batch].to(lm.device)
+            lm.model(input_ids=x, labels=x).loss.item()
+
+    def stage() -> None:
+        window_nlls(lm, ids, params.evaluate.seq_len, batch)
+
+    times: dict[str, list[float]] = {"plain": [], "stage": []}
+    plain(), stage()  # warm-up
+    for _ in range(2):
+        for name, fn in (("plain", plain), ("stage", stage)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    tokens = wins.numel()
+    tok_s = {k: tokens / min(v) for k, v in times.items()}
+    return {"batch": batch, "tokens": tokens, "plain_tok_s": round(tok_s["plain"]), "stage_tok_s": round(tok_s["stage"]),
+            "ratio": round(tok_s["stage"] / tok_s["plain"], 3), "runs_s": times}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Run the whole trie of a params file in one process, timed per node.")
+    ap.add_argument("--params", default="params-gpu.yaml", help="params file (default: params-gpu.yaml)")
+    ap.add_argument("--root", default="runs/gpu", help="where artifacts/, metrics/ and reports/ go (default: runs/gpu)")
+    ap.add_argument("--out", default=None, help="folder for gpu_trie.json and the report files")
+    ap.add_argument("--nodes", nargs="*", default=None, help="only these nodes (and nothing after them)")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    plan = build_plan(params)
+    check(params, plan)
+    root = Path(args.root)
+    out = Path(args.out) if args.out else root
+    out.mkdir(parents=True, exist_ok=True)
+    nodes = args.nodes or list(plan.nodes)
+    rows, t_trie = {}, time.perf_counter()
+    for name in nodes:
+        models.LOAD_SECONDS[0] = 0.0
+        sync()
+        t0 = time.perf_counter()
+        result = run_node(name, params, root, force=True)
+        sync()
+        wall = time.perf_counter() - t0
+        load = models.LOAD_SECONDS[0]
+        rows[name] = {"wall_s": round(wall, 2), "load_s": round(load, 2), "stage_s": result["stage_seconds"],
+                      "eval_s": result["eval_seconds"], "ppl": result["ppl"],
+                      "train_tok_s": result.get("train", {}).get("tokens_per_s")}
+        print(f"{name}: {wall:.1f} s, ppl {result['ppl']}", flush=True)
+        (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
+    whole = time.perf_counter() - t_trie
+    if args.nodes is None:
+        report.run(params, root)
+        for f in ("compare.md", "compare.json", "pareto.png"):
+            shutil.copy(root / "reports" / f, out / f)
+    throughput = eval_throughput(params, root, params.evaluate.batch_size)
+    result = {"params": args.params, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "start_and_imports_s": round(T_IMPORTS, 2), "whole_trie_s": round(whole, 1),
+              "nodes": rows, "eval_throughput": throughput}
+    (out / "gpu_trie.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{'node':40s} {'wall':>7s} {'load':>6s} {'stage':>7s} {'eval':>6s}  ppl")
+    for name, r in rows.items():
+        ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["ppl"].items() if math.isfinite(v))
+        print(f"{name:40s} {r['wall_s']:7.1f} {r['load_s']:6.1f} {r['stage_s']:7.1f} {r['eval_s']:6.1f}  {ppl}")
+    print(f"whole trie {whole:.1f} s (+ {T_IMPORTS:.1f} s start + imports); eval {throughput['stage_tok_s']} tok/s vs "
+          f"plain {throughput['plain_tok_s']} tok/s at batch {throughput['batch']}: ratio {throughput['ratio']}")
+
+
+if __name__ == "__main__":
+    main()
