@@ -53,16 +53,13 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
     if kind in ("quantize", "ptq"):
         if state.quant:
             raise ValueError(f"the model is already {state.quant}; put a peft+merge (which dequantizes) before it")
-        if state.lora:
-            raise ValueError("cannot quantize under unmerged LoRA; put a merge stage before it")
-        if kind == "quantize" and (state.modules or state.merged):
+        if kind == "quantize" and (state.lora or state.modules or state.merged):
             raise ValueError("quantize is for the base model; after peft/merge use a ptq stage")
+        # ptq under unmerged PEFT quantizes the base weights only; the PEFT parts stay in fp32 beside them
         return replace(state, quant=cfg.method, quantized_before=True), flag
     if kind == "peft":
         if state.lora or state.modules:
             raise ValueError("the model already has PEFT modules (two peft stages on one model); merge is not enough, drop one peft stage")
-        if state.quant == "gptq":
-            raise ValueError("PEFT over a GPTQ base is not supported yet; use an nf4 quantize stage for QLoRA")
         assert isinstance(cfg, PeftCfg)
         return replace(state, lora="lora" in cfg.methods, modules=tuple(m for m in cfg.methods if m != "lora")), flag
     if kind == "merge":

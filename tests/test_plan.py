@@ -50,7 +50,7 @@ def test_states_follow_the_stages():
     (["hybrid", "lora_only"], 2, "two peft stages"),
     (["hybrid", "wanda50"], 2, "put a merge stage before it"),
     (["hybrid", "merge", "nf4"], 3, "use a ptq stage"),
-    (["hybrid", "gptq4"], 2, "put a merge stage before it"),
+    (["hybrid", "gptq4", "nf4_ptq"], 3, "already gptq"),
 ])
 def test_invalid_orderings_fail_at_plan_time(chain, position, words):
     with pytest.raises(PlanError) as exc:
@@ -65,3 +65,11 @@ def test_quantize_before_prune_is_flagged_not_refused():
     plan = plan_for({"q_then_p": ["nf4", "hybrid", "merge", "wanda50"]})
     assert plan.nodes["nf4-hybrid-merge-wanda50"].flags == [HARMA]
     assert not plan.nodes["nf4-hybrid-merge"].flags
+
+
+def test_ptq_under_peft_and_peft_over_gptq_plan():
+    plan = plan_for({"ptq_first": ["hybrid", "gptq4", "merge"], "gptq_qlora": ["gptq_base", "lora_only", "merge"]},
+                    {"gptq_base": {"kind": "quantize", "method": "gptq", "group_size": 64}})
+    assert plan.nodes["hybrid-gptq4"].state.describe() == "gptq +lora+adapter+prompt"
+    assert plan.nodes["hybrid-gptq4-merge"].state.quant is None
+    assert plan.nodes["gptq_base-lora_only"].state.describe() == "gptq +lora"

@@ -59,10 +59,14 @@ def gptq(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> None:
 
 
 def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
+    """Quantize the base weights of `src` (its own, or the ones a PEFT node references). PEFT parts (LoRA under a ptq
+    stage; adapters / prompt after a merge) are copied beside the quantized base and stay fp32. GPTQ calibrates on
+    the base alone: forward hooks carrying the PEFT parts, put on the model GPTQModel loads, saw no calls during its
+    layer-by-layer pass (measured on the tiny model), so the PEFT-aware calibration the literature suggests is not done."""
     {"nf4": nf4, "gptq": gptq}[cfg.method](artifact.weights_dir(src), cfg, out, params)
     peft = artifact.peft_dir(src)
-    if peft.is_dir():  # adapter / prompt modules stay in fp32 beside the quantized base
-        shutil.copytree(peft, artifact.peft_dir(out))
+    if peft.is_dir():
+        shutil.copytree(peft, artifact.peft_dir(out), ignore=shutil.ignore_patterns("seeds"))
     return {"format": cfg.method, "weights": "."}
 
 
