@@ -77,6 +77,10 @@ def main() -> None:
     ap.add_argument("--root", default="runs/gpu", help="where artifacts/, metrics/ and reports/ go (default: runs/gpu)")
     ap.add_argument("--out", default=None, help="folder for gpu_trie.json and the report files")
     ap.add_argument("--nodes", nargs="*", default=None, help="only these nodes (and nothing after them)")
+    ap.add_argument("--wait", action="store_true", help="wait for each node's parent (built by another process)")
+    ap.add_argument("--finish", nargs="*", default=None, metavar="DIR",
+                    help="run no node: merge the per-node timings in DIR/gpu_trie.partial.json of each process, "
+                         "then write the report, the throughput check and the HellaSwag anchor")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -85,9 +89,13 @@ def main() -> None:
     root = Path(args.root)
     out = Path(args.out) if args.out else root
     out.mkdir(parents=True, exist_ok=True)
-    nodes = args.nodes or list(plan.nodes)
+    nodes = [] if args.finish is not None else (args.nodes or list(plan.nodes))
     rows, t_trie = {}, time.perf_counter()
     for name in nodes:
+        parent = plan.nodes[name].parent
+        while args.wait and parent and not (root / "metrics" / f"{parent}.json").is_file():
+            time.sleep(2)  # sibling branches run as separate processes on one GPU; the parent comes from another
+        t_begin = time.time()
         models.LOAD_SECONDS[0] = 0.0
         sync()
         t0 = time.perf_counter()
@@ -97,18 +105,33 @@ def main() -> None:
         load = models.LOAD_SECONDS[0]
         rows[name] = {"wall_s": round(wall, 2), "load_s": round(load, 2), "stage_s": result["stage_seconds"],
                       "eval_s": result["eval_seconds"], "ppl": result["ppl"],
-                      "train_tok_s": result.get("train", {}).get("tokens_per_s")}
+                      "train_tok_s": result.get("train", {}).get("tokens_per_s"), "t_begin": t_begin,
+                      "t_end": time.time()}
         print(f"{name}: {wall:.1f} s, ppl {result['ppl']}", flush=True)
         (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
     whole = time.perf_counter() - t_trie
+    if args.finish is not None:  # several processes ran the branches: the trie's wall time is first start to last end
+        for d in args.finish:
+            rows.update(json.loads((Path(d) / "gpu_trie.partial.json").read_text()))
+        rows = {n: rows[n] for n in plan.nodes if n in rows}
+        whole = max(r["t_end"] for r in rows.values()) - min(r["t_begin"] for r in rows.values())
     if args.nodes is None:
         report.run(params, root)
         for f in ("compare.md", "compare.json", "pareto.png"):
             shutil.copy(root / "reports" / f, out / f)
     throughput = eval_throughput(params, root, params.evaluate.batch_size)
+    anchor = None
+    if args.nodes is None and params.evaluate.zeroshot:  # the sanity anchor: the base on the full HellaSwag validation set
+        from pipeline.zeroshot import evaluate_zeroshot
+
+        t0 = time.perf_counter()
+        hs = evaluate_zeroshot(models.load_lm(artifact_path("base", root), params.model), {"hellaswag": None},
+                               batch_size=params.evaluate.zeroshot_batch_size, seed=params.seed)["hellaswag"]
+        anchor = {"task": "hellaswag", "n": hs["n"], "acc": hs["acc"], "acc_norm": hs["acc_norm"],
+                  "seconds": round(time.perf_counter() - t0, 1)}
     result = {"params": args.params, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "start_and_imports_s": round(T_IMPORTS, 2), "whole_trie_s": round(whole, 1),
-              "nodes": rows, "eval_throughput": throughput}
+              "nodes": rows, "eval_throughput": throughput, "hellaswag_full_base": anchor}
     (out / "gpu_trie.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{'node':40s} {'wall':>7s} {'load':>6s} {'stage':>7s} {'eval':>6s}  ppl")
     for name, r in rows.items():
@@ -116,6 +139,8 @@ def main() -> None:
         print(f"{name:40s} {r['wall_s']:7.1f} {r['load_s']:6.1f} {r['stage_s']:7.1f} {r['eval_s']:6.1f}  {ppl}")
     print(f"whole trie {whole:.1f} s (+ {T_IMPORTS:.1f} s start + imports); eval {throughput['stage_tok_s']} tok/s vs "
           f"plain {throughput['plain_tok_s']} tok/s at batch {throughput['batch']}: ratio {throughput['ratio']}")
+    if anchor:
+        print(f"base HellaSwag (full validation, {anchor['n']} items): acc_norm {anchor['acc_norm']:.4f}, acc {anchor['acc']:.4f}")
 
 
 if __name__ == "__main__":

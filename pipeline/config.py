@@ -9,7 +9,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_RE = re.compile(r"[A-Za-z0-9_]+")  # DVC stage names allow only letters, digits, '_' and '-'; '-' joins chains
-RESERVED_CORPORA = ("domain_heldout",)  # added by the pipeline itself: a user corpus of that name would be replaced
+RESERVED_CORPORA = ("domain_heldout",)
+ZEROSHOT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "lambada_openai",
+                  "openbookqa", "sst2")  # pipeline/zeroshot.py runs them; a test checks the two lists agree  # added by the pipeline itself: a user corpus of that name would be replaced
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,22 @@ class EvaluateCfg(Strict):
     latency_new_tokens: int = Field(64, ge=1)
     latency_repeats: int = Field(3, ge=1, description="timed runs after one warm-up; the median is reported")
     merge_check_windows: int = Field(2, ge=1, description="windows used to measure the merge error")
+    zeroshot: dict[str, int | None] = Field(
+        default_factory=dict, description="zero-shot tasks (lm-evaluation-harness over data/) -> items per node "
+        "(a seeded sample, the same for every node; null = the full set): hellaswag, arc_easy, arc_challenge, piqa, "
+        "winogrande, boolq, lambada_openai, openbookqa, sst2")
+    zeroshot_batch_size: int = Field(8, ge=1, description="requests per forward in the zero-shot tasks")
+
+    @field_validator("zeroshot")
+    @classmethod
+    def _tasks(cls, v: dict[str, int | None]) -> dict[str, int | None]:
+        unknown = sorted(set(v) - set(ZEROSHOT_TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; use {', '.join(ZEROSHOT_TASKS)}")
+        bad = [k for k, n in v.items() if n is not None and n < 1]
+        if bad:
+            raise ValueError(f"{bad[0]}: give at least 1 item, or null for the full set")
+        return v
 
 
 class PruneCfg(Strict):

@@ -16,7 +16,12 @@ from .runner import ARTIFACTS, METRICS
 
 PKG = Path(__file__).resolve().parent
 COMMON_CODE = ["__init__.py", "artifact.py", "models.py", "adapters.py", "data.py", "config.py", "runner.py",
-               "stages/evaluate.py"]
+               "stats.py", "stages/evaluate.py"]
+ZEROSHOT_CODE = ["zeroshot.py", "zeroshot_tasks"]
+# the data dir each zero-shot task reads (pipeline/zeroshot_tasks/local.py)
+ZEROSHOT_DATA = {"hellaswag": "hellaswag-val", "arc_easy": "ai2-arc-test", "arc_challenge": "ai2-arc-test",
+                 "piqa": "piqa-val", "winogrande": "winogrande-dev", "boolq": "boolq-superglue-val",
+                 "lambada_openai": "lambada-openai-test", "openbookqa": "openbookqa-main-test", "sst2": "sst2-glue-dev"}
 KIND_CODE = {"base": [], "prune": ["stages/prune.py"], "quantize": ["stages/quantize.py"], "ptq": ["stages/ptq.py", "stages/quantize.py"],
              "peft": ["stages/peft.py"], "merge": ["stages/merge.py", "stages/prune.py"]}
 HEADER = "# Generated from params.yaml by `python -m pipeline dvc-yaml`: do not edit; edit params.yaml and regenerate.\n"
@@ -53,6 +58,8 @@ def generate(params: Params, root: Path = Path(".")) -> dict:
         calib = cfg is not None and uses_calibration(cfg)
         deps = ([str(ARTIFACTS / node.parent)] if node.parent else []) + _code(COMMON_CODE + KIND_CODE[kind], root)
         deps += _data_files(params, calibration=calib) + (_model_dep(params) if node.parent is None else [])
+        if params.evaluate.zeroshot:
+            deps += _code(ZEROSHOT_CODE, root) + sorted({f"data/{ZEROSHOT_DATA[t]}" for t in params.evaluate.zeroshot})
         keys = ["seed", "model", "evaluate", "data.eval", "data.domain"] + (["data.calibration"] if calib else [])
         keys += [f"stages.{node.config}"] if node.config else []
         stages[node.name] = {

@@ -8,6 +8,7 @@ from . import stats
 from .config import Params
 from .plan import build_plan
 from .runner import metrics_fingerprint, metrics_path
+from .stages.evaluate import main_items, main_metric
 
 REPORTS = Path("reports")
 
@@ -51,11 +52,6 @@ def _mb(b: int) -> str:
 DOMAIN = "domain_heldout"
 
 
-def accuracy_items(task: dict) -> list[float]:
-    """Per-item correctness of a zero-shot task's main metric (acc_norm where the task has it, else acc)."""
-    return task["items_norm"] if task["metric"] == "acc_norm" else task["items"]
-
-
 def tasks_of(rows: list[dict]) -> list[str]:
     return list(rows[0].get("zeroshot", {}))
 
@@ -64,7 +60,7 @@ def diff(a: dict, b: dict, what: str) -> stats.Interval:
     """b minus a on the same windows (perplexity on a corpus) or items (accuracy on a task 'acc:<task>')."""
     if what.startswith("acc:"):
         t = what[4:]
-        return stats.paired_mean_diff(accuracy_items(a["zeroshot"][t]), accuracy_items(b["zeroshot"][t]))
+        return stats.paired_mean_diff(main_items(a["zeroshot"][t]), main_items(b["zeroshot"][t]))
     return stats.paired_ppl_diff(a["nll_per_window"][what], b["nll_per_window"][what])
 
 
@@ -114,7 +110,7 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
         acc = []
         for t in tasks:
             z = r["zeroshot"][t]
-            acc.append(_ci(z[z["metric"]], z.get("ci95"), pct=True))
+            acc.append(_ci(z[main_metric(z)], z.get("ci95"), pct=True))
         cells = ([f"`{r['node']}`", ", ".join(leaf_of.get(r["node"], [])) or "", r["state"]] +
                  [_ci(r["ppl"][c], r.get("ppl_ci95", {}).get(c)) for c in corpora] +
                  [fmt_diff(diff(parent, r, DOMAIN)) if parent else "", fmt_diff(diff(base, r, DOMAIN)) if parent else ""] +
@@ -135,7 +131,7 @@ def winner(rows: list[dict], candidates: list[str], what: str, label: str) -> st
     def value(n: str) -> float:
         if higher_better:
             z = by[n]["zeroshot"][what[4:]]
-            return z[z["metric"]]
+            return z[main_metric(z)]
         return by[n]["ppl"][what]
 
     ranked = sorted(set(candidates), key=value, reverse=higher_better)
@@ -243,8 +239,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     conventions = "; ".join(f"**{c}**: {ev['tokens'][c]:,} tokens = {ev['windows'][c]} windows, {ev['conventions'][c]}"
                             for c in corpora)
     zs = rows[0].get("zeroshot", {})
-    zs_line = ("Zero-shot accuracy (lm-evaluation-harness, local copies of the data; acc_norm where the task defines it): " +
-               ", ".join(f"{t} {z['n']} items" for t, z in zs.items()) + ". ") if zs else ""
+    zs_line = ("Zero-shot accuracy (lm-evaluation-harness 0.4 task definitions over local copies of the data; "
+               "acc_norm where the task defines it, else acc): " +
+               ", ".join(f"{t} {main_metric(z)}, {z['n']} of {z['size']} items" for t, z in zs.items()) +
+               " (a seeded sample, the same items for every node). ") if zs else ""
     md = ["# Compression orderings compared", "",
           f"Perplexity over non-overlapping windows of {ev['seq_len']} tokens (remainder dropped): {conventions}. "
           f"{zs_line}Every value has a 95% bootstrap interval over windows / items; every Δ is a paired bootstrap "
@@ -262,7 +260,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             lo, hi = r["ppl_ci95"][c]
             entry[f"ppl_{c}_lo"], entry[f"ppl_{c}_hi"] = lo, hi
         for t, z in r.get("zeroshot", {}).items():
-            entry[f"acc_{t}"] = round(z[z["metric"]], 4)
+            entry[f"acc_{t}"] = round(z[main_metric(z)], 4)
         entry.update({"mb": round(r["size"]["bytes"] / 2**20, 2), "bits_per_weight": r["size"]["bits_per_weight"],
                       "sparsity": r["params"]["sparsity"], "decode_tok_s": r["latency"]["decode_tok_s"]})
         summary[r["node"]] = entry

@@ -123,3 +123,10 @@ def test_advice_names_a_winner_only_when_significant():
 def test_diff_formatting():
     assert report.fmt_diff(stats.Interval(1.0, 0.5, 1.5)) == "+1.00 [+0.50, +1.50] *"
     assert report.fmt_diff(stats.Interval(0.1, -0.2, 0.4)).endswith("n.s.")
+
+
+def test_config_knows_the_zeroshot_tasks():
+    from pipeline.config import ZEROSHOT_TASKS
+    from pipeline.zeroshot import TASKS
+
+    assert sorted(ZEROSHOT_TASKS) == sorted(TASKS)

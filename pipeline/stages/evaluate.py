@@ -122,6 +122,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def main_items(task: dict) -> list[int]:
+    """Per-item correctness of a zero-shot task's headline metric: acc_norm where the task defines it (the figure
+    papers and model cards report for HellaSwag, ARC, PIQA, OpenBookQA), else acc."""
+    return task["items_norm"] if "items_norm" in task else task["items"]
+
+
+def main_metric(task: dict) -> str:
+    return "acc_norm" if "items_norm" in task else "acc"
+
+
 def corpus_nlls(lm: LM, params: Params) -> tuple[dict[str, list[float]], torch.Tensor]:
     """Per-window NLLs on every eval corpus (the domain held-out split included); also the first corpus' ids."""
     ev = params.evaluate
@@ -145,6 +155,14 @@ def run(path: Path, params: Params) -> dict:
     ppl = {k: round(math.exp(sum(v) / len(v)), 4) for k, v in nll.items()}
     ppl_ci = {k: stats.ppl_interval(v).as_list()[1:] for k, v in nll.items()}
     tokens = {k: len(v) * ev.seq_len for k, v in nll.items()}
+    latency_ = latency(lm, first_ids[: ev.latency_prompt], ev.latency_new_tokens, ev.latency_repeats)
+    zeroshot = {}
+    if ev.zeroshot:
+        from ..zeroshot import evaluate_zeroshot  # lm-eval imports take seconds: only when asked for
+
+        zeroshot = evaluate_zeroshot(lm, dict(ev.zeroshot), batch_size=ev.zeroshot_batch_size, seed=params.seed)
+        for task in zeroshot.values():
+            task["ci95"] = stats.mean_interval(main_items(task)).as_list()[1:]
     seeds = {}
     for seed in artifact.extra_seeds(path):  # the same node trained with other seeds: same windows
         seeds[seed] = corpus_nlls(load_lm(path, params.model, seed=seed), params)[0]
@@ -157,7 +175,8 @@ def run(path: Path, params: Params) -> dict:
                  {"domain_heldout": f"tail {params.data.domain.heldout_fraction:.0%} of the domain corpus ({data.convention(params.data.domain)})"}},
         "params": params_,
         "size": size_stats(path, params_["total"]),
-        "latency": latency(lm, first_ids[: ev.latency_prompt], ev.latency_new_tokens, ev.latency_repeats),
+        "latency": latency_,
+        **({"zeroshot": zeroshot} if zeroshot else {}),
         **({"seeds": {str(k): {"ppl": {c: round(math.exp(sum(v) / len(v)), 4) for c, v in n.items()},
                                "nll_per_window": n} for k, n in seeds.items()}} if seeds else {}),
         "eval_seconds": round(time.perf_counter() - t0, 2),
