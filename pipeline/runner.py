@@ -157,6 +157,6 @@ def _evaluate(params: Params, node: Node, out: Path, man: dict, root: Path) -> d
     result = {"node": node.name, "fingerprint": metrics_fingerprint(params, node), "chain": list(node.chain),
               "kind": man["kind"], "state": node.state.describe(), "orderings": node.orderings, "flags": node.flags,
               "stage_seconds": man["timings"]["stage_s"], **metrics,
-              **{k: info[k] for k in ("train", "merge_error", "prune") if k in info}}
+              **{k: info[k] for k in ("train", "train_seeds", "merge_error", "prune") if k in info}}
     artifact.write_json(metrics_path(node.name, root), result)
     return result

@@ -26,10 +26,12 @@ def runs(tmp_path_factory, tiny_model):
         "gptq_base": {"kind": "quantize", "method": "gptq", "group_size": 128},
         "lora_fast": {"kind": "peft", "methods": ["lora"], "steps": 8, "seq_len": 64, "lr": 0.01},
         "nf4_ptq": {"kind": "ptq", "method": "nf4"},
+        "lora_seeds": {"kind": "peft", "methods": ["lora", "adapter"], "steps": 4, "seq_len": 64, "lr": 0.01,
+                       "seeds": [0, 1, 2]},
     })
     p["orderings"] = {"gptq_then_lora": ["gptq_base", "lora_fast", "merge"],
                       "nf4_under_peft": ["hybrid", "nf4_ptq", "merge"],
-                      "gptq_under_peft": ["hybrid", "gptq4"]}
+                      "gptq_under_peft": ["hybrid", "gptq4"], "seeds": ["lora_seeds", "merge"]}
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
@@ -89,3 +91,18 @@ def test_ptq_under_peft_reloads_in_a_fresh_process(runs):
         for corpus, nll in fresh[name].items():
             assert nll == pytest.approx(json.loads((root / "metrics" / f"{name}.json").read_text())["nll_per_window"][corpus],
                                         abs=1e-4), (name, corpus)
+
+
+def test_several_seeds_report_mean_and_spread(runs):
+    from pipeline import report
+
+    root, params, r = runs
+    node = r["lora_seeds"]
+    path = artifact_path("lora_seeds")
+    assert [p.name for p in sorted((path / "peft" / "seeds").iterdir())] == ["1", "2"]
+    assert set(node["seeds"]) == {"1", "2"} and len(node["train_seeds"]) == 3
+    domain = [node["ppl"]["domain_heldout"]] + [s["ppl"]["domain_heldout"] for s in node["seeds"].values()]
+    assert len(set(domain)) == 3  # three trainings, three results
+    assert node["size"]["peft_bytes"] < artifact.dir_bytes(path / "peft") / 2  # other seeds are not deployed
+    assert not (artifact_path("lora_seeds-merge") / "peft" / "seeds").exists()  # children build on the first seed
+    assert "over 3 seeds" in report.table(list(r.values()), ["wiki", "domain_heldout"], build_plan(params).leaves)
