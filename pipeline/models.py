@@ -1,7 +1,6 @@
 """Load and save models: the embedded default model, artifacts (base weights + PEFT parts), tiny test models."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile

@@ -147,7 +147,7 @@ def winner(rows: list[dict], candidates: list[str], what: str, label: str) -> st
                 f"(closest `{closest}`: {fmt_diff(d, pct=higher_better)}, paired 95% interval).")
     return (f"{label}: no single winner. `{best}` ({unit(best)}) is tied with " +
             ", ".join(f"`{n}` ({unit(n)})" for n in tied) + " (paired 95% intervals of their differences include 0)" +
-            (f"; the rest are significantly worse." if len(tied) + 1 < len(ranked) else "."))
+            ("; the rest are significantly worse." if len(tied) + 1 < len(ranked) else "."))
 
 
 def advice(rows: list[dict], leaves: dict[str, str]) -> list[str]:

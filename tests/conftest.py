@@ -76,6 +76,24 @@ def project(tmp_path, tiny_model, monkeypatch) -> Path:
     return tmp_path
 
 
+def run_project(root: Path, params: dict, nodes: list[str] | None = None) -> tuple:
+    """Write a tiny project (data + params) at `root`, run `nodes` (default: the whole plan) in-process from
+    inside it; returns (params, {node: metrics})."""
+    from pipeline.config import load_params
+    from pipeline.plan import build_plan
+    from pipeline.runner import run_node
+
+    write_data(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    try:
+        loaded = load_params("params.yaml")
+        return loaded, {n: run_node(n, loaded) for n in (nodes or build_plan(loaded).nodes)}
+    finally:
+        mp.undo()
+
+
 def copy_project_code(dst: Path) -> None:
     for name in ("pipeline", "flows", "tasks"):
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -7,20 +7,17 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_params, write_data
+from conftest import run_project, tiny_params
 from pipeline import artifact
-from pipeline.config import load_params
 from pipeline.plan import build_plan
-from pipeline.runner import artifact_path, run_node
+from pipeline.runner import artifact_path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("orderings")
-    write_data(root)
     p = tiny_params(tiny_model)
     p["stages"].update({
         "gptq_base": {"kind": "quantize", "method": "gptq", "group_size": 128},
@@ -32,11 +29,9 @@ def runs(tmp_path_factory, tiny_model):
     p["orderings"] = {"gptq_then_lora": ["gptq_base", "lora_fast", "merge"],
                       "nf4_under_peft": ["hybrid", "nf4_ptq", "merge"],
                       "gptq_under_peft": ["hybrid", "gptq4"], "seeds": ["lora_seeds", "merge"]}
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    params, results = run_project(root, p)
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
-    params = load_params("params.yaml")
-    results = {name: run_node(name, params) for name in build_plan(params).nodes}
     yield root, params, results
     mp.undo()
 
@@ -72,7 +67,6 @@ def test_ptq_under_peft_keeps_fp32_peft_parts(runs):
 
 RELOAD = """
 import json, sys
-from pipeline.config import load_params
 from pipeline.stages.evaluate import corpus_nlls
 from pipeline.models import load_lm
 params = load_params("params.yaml")

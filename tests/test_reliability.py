@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import ROOT, tiny_params
+from conftest import ROOT, run_project, tiny_params
 from pipeline import artifact
 from pipeline.cli import app
 from pipeline.config import ConfigError, load_params
@@ -101,17 +101,8 @@ CORRUPTIONS = {
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model):
     """base + lora_only, built once; tests copy the project before corrupting it."""
-    from conftest import write_data
-
     root = tmp_path_factory.mktemp("built")
-    write_data(root)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model, steps=2), sort_keys=False))
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    params = load_params("params.yaml")
-    for node in ("base", "lora_only", "hybrid"):
-        run_node(node, params)
-    mp.undo()
+    run_project(root, tiny_params(tiny_model, steps=2), ["base", "lora_only", "hybrid"])
     return root
 
 
@@ -405,15 +396,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory, tiny_model):
-    from conftest import write_data
-
     root = tmp_path_factory.mktemp("bad")
-    write_data(root)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model), sort_keys=False))
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    run_node("base", load_params("params.yaml"))
-    mp.undo()
+    run_project(root, tiny_params(tiny_model), ["base"])
     return root
 
 

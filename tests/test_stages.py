@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_params, write_data
+from conftest import run_project, tiny_params
 from pipeline import artifact, report
 from pipeline.config import load_params
 from pipeline.plan import build_plan
@@ -23,12 +22,9 @@ from pipeline.runner import artifact_path, metrics_path, node_status, run_node
 def tiny_run(tmp_path_factory, tiny_model):
     """The whole tiny plan, run once, node by node, in-process."""
     root = tmp_path_factory.mktemp("proj")
-    write_data(root)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model), sort_keys=False))
+    params, results = run_project(root, tiny_params(tiny_model))
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
-    params = load_params("params.yaml")
-    results = {name: run_node(name, params) for name in build_plan(params).nodes}
     yield root, params, results
     mp.undo()
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .. import artifact, data, stats
