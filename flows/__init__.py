@@ -1,4 +1,4 @@
-"""Prefect flows: the comparison of orderings, and its scheduled deployment."""
+"""Prefect flows: the comparison of orderings (on local threads or Dask / Ray workers), and its deployments."""
 import os
 
 # No network here: Prefect's telemetry would fail; the first ephemeral server start migrates SQLite slowly.

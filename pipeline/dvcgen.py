@@ -73,10 +73,15 @@ def generate(params: Params, root: Path = Path(".")) -> dict:
         "cmd": "python -m pipeline report",
         "deps": [str(METRICS / f"{n}.json") for n in plan.nodes] + _code(["report.py"], root),
         "params": ["orderings"],
-        "outs": [{"reports/compare.md": {"cache": False}}, {"reports/pareto.png": {"cache": False}}],
+        "outs": [{"reports/compare.md": {"cache": False}}, {"reports/pareto.png": {"cache": False}},
+                 {"reports/nodes.csv": {"cache": False}}],
         "metrics": [{"reports/compare.json": {"cache": False}}],
     }
-    return {"stages": stages}
+    # `dvc plots show` / `dvc plots diff`: the Pareto image and one point per node (compare.json nests too deep)
+    plots = [{"reports/pareto.png": None},
+             {"reports/nodes.csv": {"template": "scatter", "x": "mb", "y": "ppl_domain_heldout",
+                                    "title": "Per node: domain perplexity vs MB to deploy"}}]
+    return {"stages": stages, "plots": plots}
 
 
 def render(params: Params, root: Path = Path(".")) -> str:

@@ -1,6 +1,7 @@
 """The comparison: a table (markdown + DVC metrics json), a Pareto plot of quality vs bytes, and ordering advice."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -265,5 +266,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                       "sparsity": r["params"]["sparsity"], "decode_tok_s": r["latency"]["decode_tok_s"]})
         summary[r["node"]] = entry
     (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out / "nodes.csv", "w", newline="") as fh:  # one row per node, for DVC plots
+        writer = csv.DictWriter(fh, fieldnames=["node", *next(iter(summary.values()))])
+        writer.writeheader()
+        writer.writerows({"node": n, **v} for n, v in summary.items())
     plot(rows, corpora, plan.leaves, out / "pareto.png")
     return {"rows": rows, "markdown": "\n".join(md), "summary": summary}

@@ -18,6 +18,27 @@ from prefect import get_run_logger, task
 
 BUSY = ("is busy", "Unable to acquire lock")  # DVC's messages when another process holds its locks
 BUSY_WAIT_S = 3600
+TAIL_LINES = 25
+
+
+class StageFailed(RuntimeError):
+    """A stage's own command failed: deterministic, so not retried (a retry would fail the same way)."""
+
+
+def stage_failed(stage: str, proc: subprocess.CompletedProcess) -> StageFailed:
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-TAIL_LINES:])
+    return StageFailed(f"stage {stage} failed (dvc repro exit {proc.returncode}); its log tail:\n{tail}")
+
+
+def retry_unless_stage_failed(task, task_run, state) -> bool:
+    """Prefect retry condition: retry infrastructure errors (a lost worker, a remote hiccup), not a failed stage."""
+    try:
+        state.result()
+    except StageFailed:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure is worth one retry
+        return True
+    return True
 
 
 def repro(stage: str, repo: str) -> subprocess.CompletedProcess:
@@ -35,14 +56,14 @@ def repro(stage: str, repo: str) -> subprocess.CompletedProcess:
             time.sleep(2)
 
 
-@task(name="dvc-stage", task_run_name="{stage}", retries=1, retry_delay_seconds=5)
+@task(name="dvc-stage", task_run_name="{stage}", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_stage_failed)
 def run_dvc_stage(stage: str, repo: str) -> dict:
     """Run (or skip, when up to date) one DVC stage; returns whether it ran and the node's metrics."""
     log = get_run_logger()
     proc = repro(stage, repo)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise RuntimeError(f"stage {stage} failed (dvc repro exit {proc.returncode}); its log tail:\n{tail}")
+        raise stage_failed(stage, proc)
     ran = f"Running stage '{stage}'" in proc.stdout
     log.info("%s: %s", stage, "ran" if ran else "up to date (DVC cache)")
     metrics = Path(repo) / "metrics" / f"{stage}.json"
