@@ -67,6 +67,7 @@ def test_ptq_under_peft_keeps_fp32_peft_parts(runs):
 
 RELOAD = """
 import json, sys
+from pipeline.config import load_params
 from pipeline.stages.evaluate import corpus_nlls
 from pipeline.models import load_lm
 params = load_params("params.yaml")

@@ -208,7 +208,7 @@ elif point == "save":
         die()
     runner.save_weights = half_save
 elif point == "eval":
-    ev.perplexity = die
+    ev.window_nlls = die
 from pipeline.cli import main
 sys.argv = ["pipeline", "run", node]
 main()
