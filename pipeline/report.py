@@ -171,6 +171,76 @@ def advice(rows: list[dict], leaves: dict[str, str]) -> list[str]:
     return out
 
 
+def seed_mean_nll(r: dict, corpus: str) -> list[float]:
+    """Per-window NLL averaged over a node's training seeds (one seed: its own): pairs windows across nodes while
+    not letting one lucky seed decide."""
+    runs = [r["nll_per_window"][corpus]] + [s["nll_per_window"][corpus] for s in r.get("seeds", {}).values()]
+    return [sum(xs) / len(xs) for xs in zip(*runs)]
+
+
+def _seed_ppls(r: dict, corpus: str) -> list[float]:
+    return [r["ppl"][corpus]] + [s["ppl"][corpus] for s in r.get("seeds", {}).values()]
+
+
+def _mean_sd(values: list[float], digits: int = 2) -> str:
+    mean, sd = stats.spread(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def ablation(rows: list[dict], methods: dict[str, list[str]], corpora: list[str]) -> list[str]:
+    """The PEFT ablation: every method subset trained on the base (orderings of one peft stage, equal steps and
+    data), as mean ± sd over seeds, with its cost, and whether the full combination beats the best single method
+    (paired bootstrap on the seed-averaged per-window NLLs). `methods`: node -> its PEFT methods."""
+    base = rows[0]
+    on_base = [r for r in rows if r["node"] in methods]
+    if len(on_base) < 2:
+        return []
+    tasks = tasks_of(rows)
+    head = (["node", "methods", "seeds"] + [f"ppl {c} mean ± sd" for c in corpora] + ["Δ domain ppl vs base (seed mean)"] +
+            [f"acc {t} % (seed {on_base[0]['train']['seed']})" for t in tasks] +
+            ["trainable params", "train tok/s", "train peak MB"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_nll = base["nll_per_window"][DOMAIN]
+    for r in sorted(on_base, key=lambda r: (len(methods[r["node"]]), r["node"])):
+        runs = [r["train"]] + [t for t in r.get("train_seeds", [])[1:]]
+        acc = []
+        for t in tasks:
+            z = r["zeroshot"][t]
+            acc.append(f"{100 * z[main_metric(z)]:.1f}")
+        lines.append("| " + " | ".join(
+            [f"`{r['node']}`", "+".join(methods[r["node"]]), str(len(_seed_ppls(r, DOMAIN)))] +
+            [_mean_sd(_seed_ppls(r, c)) for c in corpora] +
+            [fmt_diff(stats.paired_ppl_diff(base_nll, seed_mean_nll(r, DOMAIN)))] + acc +
+            [f"{r['train']['trainable_params']:,}", f"{sum(t['tokens_per_s'] for t in runs) / len(runs):,.0f}",
+             f"{max(t['peak_memory_mb'] for t in runs):,.0f}"]) + " |")
+    out = ["## PEFT ablation: every method subset on the base, equal steps and data", "", "\n".join(lines), ""]
+    ranked = lambda group: sorted(group, key=lambda r: stats.spread(_seed_ppls(r, DOMAIN))[0])  # noqa: E731
+    singles = ranked([r for r in on_base if len(methods[r["node"]]) == 1])
+    most = max(len(m) for m in methods.values())
+    full = [r for r in on_base if len(methods[r["node"]]) == most]
+    if singles and most > 1 and len(full) == 1:
+        s, h = singles[0], full[0]
+        d = stats.paired_ppl_diff(seed_mean_nll(s, DOMAIN), seed_mean_nll(h, DOMAIN))
+        verdict = ("beats" if d.hi < 0 else "is worse than" if d.lo > 0 else "is tied with")
+        out.append(f"- The full combination `{h['node']}` ({'+'.join(methods[h['node']])}) **{verdict}** the best single "
+                   f"method `{s['node']}` on domain perplexity: {fmt_diff(d)} (paired 95% interval on seed-averaged "
+                   f"windows; it trains {h['train']['trainable_params'] / max(1, s['train']['trainable_params']):.1f}x "
+                   f"the parameters).")
+    best_any = ranked(on_base)[0]
+    out.append(f"- Best subset by seed-mean domain perplexity: `{best_any['node']}` "
+               f"({'+'.join(methods[best_any['node']])}, {_mean_sd(_seed_ppls(best_any, DOMAIN))}).")
+    by_set = {frozenset(m): r for r in on_base for n, m in methods.items() if r["node"] == n}
+    for soft in ("prompt", "prefix"):  # does LoRA diminish the need for prompt / prefix tuning?
+        alone, lora, both = by_set.get(frozenset([soft])), by_set.get(frozenset(["lora"])), by_set.get(frozenset(["lora", soft]))
+        if alone and lora and both:
+            g0 = stats.paired_ppl_diff(base_nll, seed_mean_nll(alone, DOMAIN))
+            g1 = stats.paired_ppl_diff(seed_mean_nll(lora, DOMAIN), seed_mean_nll(both, DOMAIN))
+            out.append(f"- Adding the {soft} on the plain base changes domain ppl by {fmt_diff(g0)}; on top of LoRA by "
+                       f"{fmt_diff(g1)}" + (" — LoRA leaves it little to add." if abs(g1.estimate) < abs(g0.estimate) / 2
+                                            else "."))
+    return out + [""]
+
+
 def _spread_labels(points: list[tuple], gap: float) -> list[tuple]:
     """Label y positions at least `gap` apart among points of similar size, so that labels do not overlap."""
     xs = [p[0] for p in points]
@@ -251,7 +321,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
           "`MB deploy` = base weights + PEFT files needed to serve the node; `MB stored` = what its artifact itself holds "
           "(adapter-only nodes reference their parent's weights).", "",
           *[f"- {line}" for line in advice(rows, plan.leaves)], "",
-          table(rows, corpora, plan.leaves), "", "![Pareto plot](pareto.png)", ""]
+          table(rows, corpora, plan.leaves), "", "![Pareto plot](pareto.png)", "",
+          *ablation(rows, {n: list(params.stages[node.chain[0]].methods) for n, node in plan.nodes.items()
+                           if len(node.chain) == 1 and params.stages[node.chain[0]].kind == "peft"}, corpora)]
     (out / "compare.md").write_text("\n".join(md))
     summary = {}
     for r in rows:

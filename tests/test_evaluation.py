@@ -130,3 +130,31 @@ def test_config_knows_the_zeroshot_tasks():
     from pipeline.zeroshot import TASKS
 
     assert sorted(ZEROSHOT_TASKS) == sorted(TASKS)
+
+
+# ---------------------------------------------------------------- the PEFT ablation section
+def _peft_row(node: str, nlls: list[list[float]], trainable: int) -> dict:
+    r = _row(node, nlls[0], chain=(node,))
+    r["train"] = {"seed": 0, "trainable_params": trainable, "tokens_per_s": 100.0, "peak_memory_mb": 10.0}
+    r["train_seeds"] = [dict(r["train"], seed=i) for i in range(len(nlls))]
+    r["seeds"] = {str(i): {"ppl": {"domain_heldout": math.exp(sum(n) / len(n))}, "nll_per_window": {"domain_heldout": n}}
+                  for i, n in enumerate(nlls[1:], 1)}
+    return r
+
+
+def test_ablation_says_whether_the_combination_beats_the_best_single_method():
+    rng = np.random.default_rng(3)
+    w = rng.normal(3.0, 0.4, 40)
+    seeds = lambda shift: [list(w + shift + rng.normal(0, 0.01, 40)) for _ in range(3)]  # noqa: E731
+    base = _row("base", list(w), chain=(), kind="base")
+    rows = [base, _peft_row("lora", seeds(-0.10), 100), _peft_row("prompt", seeds(-0.05), 10),
+            _peft_row("lora_prompt", seeds(-0.20), 110)]
+    methods = {"lora": ["lora"], "prompt": ["prompt"], "lora_prompt": ["lora", "prompt"]}
+    text = "\n".join(report.ablation(rows, methods, ["domain_heldout"]))
+    assert "`lora_prompt` (lora+prompt) **beats** the best single method `lora`" in text
+    assert text.count("\n| `") == 3 and "± " in text          # one row per subset, mean ± sd over the 3 seeds
+    assert "Adding the prompt on the plain base" in text
+    rows[3] = _peft_row("lora_prompt", seeds(-0.10), 110)      # the same as LoRA alone: no claim of a win
+    text = "\n".join(report.ablation(rows, methods, ["domain_heldout"]))
+    assert "**is tied with**" in text and "LoRA leaves it little to add" in text
+    assert report.ablation(rows[:2], {"lora": ["lora"]}, ["domain_heldout"]) == []
