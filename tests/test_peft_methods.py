@@ -102,6 +102,24 @@ def test_prefix_mlp_folds_on_save_and_reloads_identically(tiny_model, tmp_path):
     torch.testing.assert_close(again.logits(x), trained, atol=1e-5, rtol=1e-5)
 
 
+def test_zero_shot_sees_the_prefix_batched_or_not(tiny_model):
+    """lm-eval drives LM.logits on right-padded batches: with a prefix, batching changes no score, and the scores are
+    not the base model's."""
+    from pipeline.zeroshot import evaluate_zeroshot
+
+    tasks = {"arc_easy": 4, "boolq": 4}
+    lm = fresh_lm(tiny_model)
+    base = evaluate_zeroshot(lm, tasks, batch_size=4)
+    add_peft(lm, peft_cfg(["prefix"], prefix_tokens=4), seed=0)
+    with torch.no_grad():
+        lm.hybrid.prefix.kv.mul_(20)  # a strong prefix: the real-token init is close to the base's own attention
+    batched, single = evaluate_zeroshot(lm, tasks, batch_size=4), evaluate_zeroshot(lm, tasks, batch_size=1)
+    flat = lambda res, name: [x for item in res[name]["lls"] for x in item]  # noqa: E731
+    for name in tasks:
+        assert flat(batched, name) == pytest.approx(flat(single, name), abs=1e-4)
+        assert min(abs(a - b) for a, b in zip(flat(batched, name), flat(base, name))) > 1e-3
+
+
 def test_prefix_lora_adapter_prompt_train_together(tiny_model):
     lm = fresh_lm(tiny_model)
     cfg = peft_cfg(["lora", "adapter", "prompt", "prefix"], steps=24, seq_len=64, batch_size=2, lr=5e-3,
