@@ -127,7 +127,25 @@ class PtqCfg(QuantMethodCfg):
     kind: Literal["ptq"]
 
 
-PeftMethod = Literal["lora", "adapter", "prompt"]
+PeftMethod = Literal["lora", "adapter", "prompt", "prefix"]
+
+
+class PruneDuringCfg(Strict):
+    """Gradual pruning of the base while the PEFT parts train: cubic schedule (Zhu & Gupta 2017) from 0 at `start` to
+    `sparsity` at `end` (fractions of the training steps), a pruning step every `every` steps in between; unstructured
+    per-row masks that only grow, scored on the effective weight W + BA (LoRA delta where LoRA targets the layer)."""
+    method: Literal["magnitude", "wanda"] = Field("wanda", description="wanda: |W + BA| x input norms of the training "
+                                                  "batches since the last pruning step; magnitude: |W + BA|")
+    sparsity: float = Field(0.5, gt=0, lt=1, description="final fraction of zeros per row of each decoder linear")
+    start: float = Field(0.1, ge=0, lt=1, description="fraction of the steps after which pruning begins")
+    end: float = Field(0.7, gt=0, le=1, description="fraction of the steps at which the target sparsity is reached")
+    every: int = Field(5, ge=1, description="steps between pruning steps")
+
+    @model_validator(mode="after")
+    def _window(self) -> "PruneDuringCfg":
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start}); e.g. start: 0.1, end: 0.7")
+        return self
 
 
 class PeftCfg(Strict):
@@ -139,6 +157,12 @@ class PeftCfg(Strict):
     lora_targets: list[str] = ["q_proj", "v_proj"]
     adapter_dim: int = Field(32, ge=1, description="bottleneck width of the adapter after each MLP")
     prompt_tokens: int = Field(8, ge=1, description="soft prompt length (virtual tokens)")
+    prefix_tokens: int = Field(8, ge=1, description="prefix tuning: key/value vectors per attention layer")
+    prefix_mlp: bool = Field(False, description="prefix tuning: train the prefix through an MLP (Li & Liang's "
+                             "reparametrization), folded into plain key/value vectors when saved")
+    prefix_mlp_dim: int = Field(512, ge=1, description="hidden width of that MLP")
+    prune_during: PruneDuringCfg | None = Field(None, description="raise the base's sparsity while the PEFT parts "
+                                                "train, e.g. {method: wanda, sparsity: 0.5, start: 0.1, end: 0.7, every: 5}")
     steps: int = Field(30, ge=1)
     batch_size: int = Field(2, ge=1)
     seq_len: int = Field(128, ge=8)
@@ -152,6 +176,13 @@ class PeftCfg(Strict):
         if len(set(v)) != len(v):
             raise ValueError("list each method once")
         return v
+
+    @model_validator(mode="after")
+    def _prune_one_seed(self) -> "PeftCfg":
+        if self.prune_during and self.seeds and len(self.seeds) > 1:
+            raise ValueError("prune_during makes the base weights depend on the training seed, and a node has one base; "
+                             "give one seed, or drop prune_during")
+        return self
 
 
 class MergeCfg(Strict):

@@ -1,6 +1,8 @@
 """Load and save models: the embedded default model, artifacts (base weights + PEFT parts), tiny test models."""
 from __future__ import annotations
 
+import functools
+import inspect
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,13 @@ def dtype_of(cfg: ModelCfg, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def cache_kwarg(model_class: type) -> str:
+    """The name a model's forward takes its KV cache by: `cache` from transformers 5.24 (which warns on the old name),
+    `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 @dataclass
 class LM:
     """A causal LM as the stages see it: an HF model (LoRA inside as a PeftModel) plus the hybrid parts."""
@@ -52,14 +61,39 @@ class LM:
     def n_prompt(self) -> int:
         return self.hybrid.n_prompt if self.hybrid else 0
 
+    @property
+    def n_prefix(self) -> int:
+        return self.hybrid.n_prefix if self.hybrid else 0
+
     def embeds(self, ids: torch.Tensor) -> torch.Tensor:
         emb = self.model.get_input_embeddings()(ids.to(self.device))
         return self.hybrid.prepend_prompt(emb) if self.hybrid else emb
 
+    def forward(self, embeds: torch.Tensor, past=None, **kw):
+        """The model on `embeds` following `past`, a KV cache from an earlier call (None: a new sequence, which then
+        starts from the prefix cache when there is a prefix). Every path (training, perplexity, zero-shot, generation)
+        goes through here, so positions agree: the prefix takes positions 0..P-1 and the sequence (soft prompt +
+        tokens) P.., as transformers counts them from the cache length (and as peft's prefix tuning does). A prefix
+        initialised from the K/V of real tokens is then exactly those tokens read before the sequence."""
+        if past is None and self.n_prefix:
+            past = self.hybrid.prefix.cache(embeds.shape[0], self.base.config, embeds.dtype)
+        if past is not None:
+            kw[cache_kwarg(type(self.base))] = past
+        return self.model(inputs_embeds=embeds, **kw)
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits for the real tokens only (soft-prompt positions dropped)."""
-        out = self.model(inputs_embeds=self.embeds(ids), use_cache=False)
-        return out.logits[:, self.n_prompt:]
+        return self.forward(self.embeds(ids), use_cache=False).logits[:, self.n_prompt:]
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Start of generation: logits of the real tokens of `ids` and the KV cache after them (prefix included)."""
+        out = self.forward(self.embeds(ids), use_cache=True)
+        return out.logits[:, self.n_prompt:], out.past_key_values
+
+    def decode(self, ids: torch.Tensor, past) -> tuple[torch.Tensor, object]:
+        """Logits of `ids` (the next tokens, no soft prompt) after the cache `past`, which grows in place."""
+        out = self.forward(self.model.get_input_embeddings()(ids.to(self.device)), past, use_cache=True)
+        return out.logits, out.past_key_values
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over ids[:, 1:]: the same tokens whatever PEFT parts are present.
@@ -69,7 +103,7 @@ class LM:
         ids = ids.to(self.device)
         labels = torch.cat([ids.new_full((ids.shape[0], self.n_prompt), -100), ids], dim=1)
         labels[:, self.n_prompt] = -100
-        return self.model(inputs_embeds=self.embeds(ids), labels=labels, use_cache=False).loss
+        return self.forward(self.embeds(ids), labels=labels, use_cache=False).loss
 
 
 # ---------------------------------------------------------------- default model

@@ -61,7 +61,16 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
         if state.lora or state.modules:
             raise ValueError("the model already has PEFT modules (two peft stages on one model); merge is not enough, drop one peft stage")
         assert isinstance(cfg, PeftCfg)
-        return replace(state, lora="lora" in cfg.methods, modules=tuple(m for m in cfg.methods if m != "lora")), flag
+        sparse = state.sparse
+        if cfg.prune_during:  # the base is pruned while the PEFT parts train: the rules of a prune stage apply
+            if state.quant:
+                raise ValueError(f"prune_during cannot prune a {state.quant} base; prune before quantizing (a prune stage "
+                                 f"before {state.quant}, or this peft stage before the quantize stage), or drop prune_during")
+            if state.quantized_before:
+                flag = HARMA
+            sparse = True
+        return replace(state, sparse=sparse, lora="lora" in cfg.methods,
+                       modules=tuple(m for m in cfg.methods if m != "lora")), flag
     if kind == "merge":
         if not (state.lora or state.modules) or state.merged:
             raise ValueError("nothing to merge: no peft stage since the last merge; add a peft stage before it or remove the merge")

@@ -72,8 +72,9 @@ class HarnessLM(TemplateLM):
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.batch_size = max(1, int(batch_size))
-        # the soft prompt takes positions too: keep prompt + sequence within the trained context
-        self.max_length = int(getattr(lm.base.config, "max_position_embeddings", None) or 2048) - lm.n_prompt
+        # the soft prompt and the prefix take positions too: keep them + sequence within the trained context
+        self.max_length = (int(getattr(lm.base.config, "max_position_embeddings", None) or 2048)
+                           - lm.n_prompt - lm.n_prefix)
         self._prefix_text = self.tokenizer.decode(self.prefix_token_id)
 
     @property

@@ -92,13 +92,13 @@ def latency(lm: LM, ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> dic
     for i in range(repeats + 1):
         _sync(lm.device)
         t0 = time.perf_counter()
-        out = lm.model(inputs_embeds=lm.embeds(prompt), use_cache=True)
+        logits, past = lm.prefill(prompt)  # prefix and soft prompt in the cache / sequence, as in evaluation
         _sync(lm.device)
         t1 = time.perf_counter()
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(new_tokens):
-            out = lm.model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            logits, past = lm.decode(nxt, past)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
         _sync(lm.device)
         if i:  # the first run warms up kernels and allocator
             prefill_s.append(t1 - t0)
