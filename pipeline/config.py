@@ -41,6 +41,11 @@ class CorpusCfg(Strict):
         "(lines keeping their newline, blank lines as '') joined by a blank line: the WikiText-2 perplexity convention "
         "of the GPTQ / SparseGPT / Wanda papers. JSON records are always joined by a blank line")
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The JSON fields every record needs."""
+        return (self.field,)
+
 
 class CalibrationCfg(CorpusCfg):
     samples: int = Field(16, ge=1)
@@ -69,6 +74,12 @@ class DomainCfg(CorpusCfg):
         if self.template != "none" and self.packing == "stream":
             raise ValueError("a templated domain is one example per sequence; drop packing: stream (or template: none)")
         return self
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        if self.template != "none":
+            return (self.instruction_field, self.input_field, self.output_field)
+        return (self.field,)
 
     @property
     def by_documents(self) -> bool:

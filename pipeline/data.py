@@ -241,7 +241,8 @@ def document_sequences(tokenizer, docs: list, seq_len: int, max_tokens: int | No
         lengths = torch.tensor([len(t) for t, _ in pieces]).cumsum(0)
         pieces = pieces[: int((lengths < max_tokens).sum()) + 1]
     if not pieces:
-        raise DataError(f"no training sequence of 2+ tokens in {len(docs)} document(s); check the domain data and seq_len")
+        raise DataError(f"no sequence with a target from {len(docs)} document(s) at seq_len={seq_len} (an instruction "
+                        f"prompt longer than seq_len leaves no response); raise stages.<name>.seq_len / evaluate.seq_len")
     return _pad(pieces, seq_len, pad_id)
 
 

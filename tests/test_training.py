@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DATA, tiny_params, write_data
+from conftest import DATA, ROOT, tiny_params, write_data
 from pipeline import data
 from pipeline.config import DomainCfg, PeftCfg, parse_params, ConfigError
 from pipeline.models import LM, fused_linear_cross_entropy, load_source
@@ -163,16 +163,20 @@ def test_alpaca_template_and_loss_on_the_response_only(tiny_model, tmp_path):
         assert lm.loss(prompt_only).item() != pytest.approx(ce.item(), rel=1e-3)  # it would differ if prompts counted
 
 
-def test_alpaca_params_file_validates_and_plans():
+def test_alpaca_params_file_validates_plans_and_passes_the_checks(monkeypatch):
+    from pipeline.checks import check
     from pipeline.config import load_params
     from pipeline.plan import build_plan
 
-    params = load_params("params-alpaca.yaml")
+    path = ROOT / "experiments" / "alpaca" / "params.yaml"
+    params = load_params(path)
     assert params.data.domain.template == "alpaca" and params.data.domain.by_documents
-    assert build_plan(params).nodes
+    monkeypatch.chdir(path.parent)  # as the CLI does: its paths are relative to its directory
+    check(params, build_plan(params))
+    assert len(data.split_documents(params.data.domain)[1]) == 500
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["domain"]["format"] = "text"
     with pytest.raises(ConfigError, match="format: json"):
-        raw = yaml.safe_load(open("params-alpaca.yaml"))
-        raw["data"]["domain"]["format"] = "text"
         parse_params(raw)
 
 
@@ -267,7 +271,8 @@ def test_peft_node_records_its_curve_and_the_report_draws_it(tmp_path, tiny_mode
     alpaca_domain(tmp_path / "data", n=60)
     raw = tiny_params(tiny_model)
     raw["data"]["domain"] = {"files": "data/alpaca.json", "format": "json", "template": "alpaca", "heldout_fraction": 0.2}
-    raw["stages"]["lora_only"].update(steps=4, eval_every=2, eval_sequences=4)
+    raw["stages"]["lora_only"].update(steps=4, eval_every=2, eval_sequences=4, seq_len=256)  # the prompt: ~100 tokens
+    raw["evaluate"].update(seq_len=256, max_tokens=100_000)  # every held-out example
     raw["orderings"] = {"lora_only": ["lora_only"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.chdir(tmp_path)
