@@ -74,9 +74,12 @@ def _check_corpus(name: str, corpus: CorpusCfg) -> None:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise PlanError(f"data.{name}.files: {path} is not JSON / JSON lines; fix the file or set format: text") from None
             record = record[0] if isinstance(record, list) and record else record
-            if not isinstance(record, dict) or corpus.field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise PlanError(f"data.{name}.field: {path} has no field '{corpus.field}' (has {keys}); set field:")
+            for field in corpus.fields:  # a templated domain needs its instruction / input / output fields
+                if not isinstance(record, dict) or field not in record:
+                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    key = "field" if field == corpus.field else next(k for k, v in corpus.model_dump().items()
+                                                                       if k.endswith("_field") and v == field)
+                    raise PlanError(f"data.{name}.{key}: {path} has no field '{field}' (has {keys}); set {key}:")
 
 
 def _check_device(device: str) -> None:

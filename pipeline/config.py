@@ -41,6 +41,11 @@ class CorpusCfg(Strict):
         "(lines keeping their newline, blank lines as '') joined by a blank line: the WikiText-2 perplexity convention "
         "of the GPTQ / SparseGPT / Wanda papers. JSON records are always joined by a blank line")
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The JSON fields every record needs."""
+        return (self.field,)
+
 
 class CalibrationCfg(CorpusCfg):
     samples: int = Field(16, ge=1)
@@ -49,6 +54,37 @@ class CalibrationCfg(CorpusCfg):
 
 class DomainCfg(CorpusCfg):
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    packing: Literal["auto", "documents", "stream"] = Field(
+        "auto", description="how training sequences are cut: 'documents' = from one document each (a JSON record, or a "
+        "blank-line separated block of a text file; the tail padded and masked out of the loss), never spanning two; "
+        "'stream' = random windows of the corpus as one text. auto = documents for JSON and templated corpora, stream "
+        "for plain text (a play or a book is one continuous text: its blank-line blocks are not independent documents, "
+        "and padding short speeches would waste most of each window)")
+    template: Literal["none", "alpaca"] = Field(
+        "none", description="'alpaca': each JSON record is an instruction example rendered with the Stanford Alpaca "
+        "prompt (with / without input); the loss and the held-out perplexity count the response tokens only")
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+
+    @model_validator(mode="after")
+    def _template_needs_json(self) -> "DomainCfg":
+        if self.template != "none" and self.format != "json":
+            raise ValueError(f"template: {self.template} reads JSON records; set format: json (or template: none)")
+        if self.template != "none" and self.packing == "stream":
+            raise ValueError("a templated domain is one example per sequence; drop packing: stream (or template: none)")
+        return self
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        if self.template != "none":
+            return (self.instruction_field, self.input_field, self.output_field)
+        return (self.field,)
+
+    @property
+    def by_documents(self) -> bool:
+        """Training sequences cut from single documents (see `packing`)."""
+        return self.packing == "documents" or (self.packing == "auto" and (self.format == "json" or self.template != "none"))
 
 
 class DataCfg(Strict):
@@ -167,6 +203,22 @@ class PeftCfg(Strict):
     batch_size: int = Field(2, ge=1)
     seq_len: int = Field(128, ge=8)
     lr: float = Field(1e-3, gt=0)
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps; default: warmup_fraction of steps")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="warm-up as a fraction of steps (when warmup_steps is unset)")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up: cosine decay to 0, or constant lr")
+    grad_accum: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step (steps counts optimizer "
+                            "steps; the loss is averaged over every target token of the accumulated batch)")
+    eval_every: int | None = Field(None, ge=0, description="held-out loss every N optimizer steps for the curve "
+                                   "(train.curve); default: steps // 5 (6 points with step 0); 0 = off")
+    eval_sequences: int = Field(4, ge=1, description="held-out sequences (of seq_len) in the fixed sample of the curve "
+                                "(CPU-sized: 6 points x 4 x 128 tokens add ~15 s per PEFT node on 2 cores)")
+    early_stop_patience: int = Field(0, ge=0, description="stop after this many curve points without a held-out loss "
+                                     "improvement of early_stop_min_delta; 0 = off (equal-step runs)")
+    early_stop_min_delta: float = Field(1e-3, ge=0)
+    fused_loss: Literal["auto", "off"] = Field(
+        "auto", description="auto = linear + cross-entropy fused so the [tokens x vocab] logits are never materialized "
+        "(liger-kernel on CUDA where installed: pip install '.[gpu]'; a chunked pure-torch loss otherwise); off = the "
+        "HF model's own loss")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed (default: the global seed); "
                                     "the first seed's parts feed the children, the report gives mean and spread")
 
@@ -183,6 +235,23 @@ class PeftCfg(Strict):
             raise ValueError("prune_during makes the base weights depend on the training seed, and a node has one base; "
                              "give one seed, or drop prune_during")
         return self
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "PeftCfg":
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}); lower it")
+        if self.early_stop_patience and self.eval_every == 0:
+            raise ValueError("early_stop_patience needs the held-out curve; set eval_every > 0 (or drop early stopping)")
+        return self
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.steps * self.warmup_fraction)
+
+    @property
+    def curve_every(self) -> int:
+        """Optimizer steps between held-out evaluations (0 = no curve)."""
+        return max(1, self.steps // 5) if self.eval_every is None else self.eval_every
 
 
 class MergeCfg(Strict):

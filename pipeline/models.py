@@ -17,6 +17,7 @@ from torch import nn
 from . import artifact
 from .adapters import Hybrid
 from .config import ModelCfg
+from .data import IGNORE, Batch
 
 LOAD_SECONDS = [0.0]  # time spent loading models in this process, for the per-node breakdown (bench/gpu_trie.py)
 DEFAULT_MODEL = "smollm2-135m"
@@ -95,15 +96,119 @@ class LM:
         out = self.forward(self.model.get_input_embeddings()(ids.to(self.device)), past, use_cache=True)
         return out.logits, out.past_key_values
 
-    def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over ids[:, 1:]: the same tokens whatever PEFT parts are present.
+    def loss(self, batch: "torch.Tensor | Batch", num_items: int | None = None, fused: bool = False) -> torch.Tensor:
+        """Mean next-token cross-entropy over the batch's targets (a tensor of ids: every token after the first):
+        the same tokens whatever PEFT parts are present (soft-prompt positions and each sequence's first token are
+        never targets). `num_items`: divide the summed loss by this count instead, e.g. the target count of all the
+        micro-batches of one optimizer step, so that accumulating them gives the big batch's gradient exactly.
 
-        The model computes it from labels (soft-prompt positions and the first token masked), as a plain HF training
-        loop does: slicing the [batch, seq, vocab] logits first would copy them (9% slower, +1.2 GiB on a 1B model)."""
-        ids = ids.to(self.device)
-        labels = torch.cat([ids.new_full((ids.shape[0], self.n_prompt), -100), ids], dim=1)
-        labels[:, self.n_prompt] = -100
-        return self.forward(self.embeds(ids), labels=labels, use_cache=False).loss
+        Plain: the model computes it from labels, as an HF training loop does (slicing the [batch, seq, vocab] logits
+        first would copy them: 9% slower, +1.2 GiB on a 1B model). fused=True: the decoder's hidden states times the
+        lm_head weight, chunked, so the logits never exist whole (fused_linear_cross_entropy)."""
+        b = batch if isinstance(batch, Batch) else Batch.of(batch)
+        ids = b.ids.to(self.device)
+        n_prompt = self.n_prompt
+        labels = torch.cat([ids.new_full((ids.shape[0], n_prompt), IGNORE), b.labels.to(self.device)], dim=1)
+        labels[:, n_prompt] = IGNORE
+        mask = None
+        if not bool(b.attention_mask.all()):  # padding: attend to real tokens only (the soft prompt is real)
+            mask = torch.cat([ids.new_ones((ids.shape[0], n_prompt)), b.attention_mask.to(self.device)], dim=1)
+        if mask is not None and self.n_prefix:  # the prefix keys / values are attended to like real tokens
+            mask = torch.cat([ids.new_ones((ids.shape[0], self.n_prefix)), mask], dim=1)
+        embeds = self.embeds(ids)
+        if fused and self.fusable():
+            decoder, kw = self.base.get_decoder(), {}
+            if self.n_prefix:
+                kw[cache_kwarg(type(decoder))] = self.hybrid.prefix.cache(embeds.shape[0], self.base.config, embeds.dtype)
+            hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kw).last_hidden_state
+            targets = nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
+            keep = targets != IGNORE
+            total = fused_linear_cross_entropy(hidden[keep], self.base.get_output_embeddings().weight, targets[keep])
+            return total / (num_items or max(1, int(keep.sum())))
+        out = self.forward(embeds, attention_mask=mask, labels=labels, use_cache=False)
+        if num_items is None:
+            return out.loss
+        return out.loss * (int((labels[:, 1:] != IGNORE).sum()) / num_items)  # HF's mean -> sum / num_items
+
+    def fusable(self) -> bool:
+        """Whether the fused loss computes what the model's own loss does: a plain fp lm_head without bias, logit
+        scaling or soft-capping, and no peft prompt-learning wrapper (peft's prefix / prompt tuning injects its
+        parts in PeftModel.forward, which the decoder-only path would skip)."""
+        head = self.base.get_output_embeddings()
+        config = self.base.config
+        peft_cfgs = getattr(self.model, "peft_config", {}) or {}
+        return (isinstance(head, nn.Linear) and head.bias is None and dense_weight(head) is None
+                and head.weight.is_floating_point()
+                and not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+                and not any(getattr(c, "is_prompt_learning", False) for c in peft_cfgs.values()))
+
+    def loss_impl(self, fused: bool) -> str:
+        """Which loss `loss(fused=...)` computes here, for the artifact info."""
+        if not (fused and self.fusable()):
+            return "hf"
+        return "liger" if _liger_ok(self.device) else "chunked"
+
+
+# ---------------------------------------------------------------- fused linear + cross-entropy
+def _liger_ok(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401  (optional extra `gpu`: needs triton, i.e. CUDA)
+    except ImportError:
+        return False
+    return True
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T, target_i), computed `chunk` rows at a time. The gradients are computed in the
+    forward, chunk by chunk (softmax - onehot is all they need), so neither pass ever holds more than
+    [chunk, vocab] logits and nothing is recomputed: the same matmuls as the plain loss (Liger's scheme, in torch)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for i in range(0, hidden.shape[0], chunk):
+            h, t = hidden[i: i + chunk], targets[i: i + chunk]
+            logits = (h @ weight.T).float()  # fp32 log-softmax, as HF's loss does
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no second [chunk, vocab] buffer
+            grad[torch.arange(len(t), device=t.device), t] -= 1
+            grad = grad.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[i: i + chunk] = grad @ weight
+            if grad_w is not None:
+                grad_w += (grad.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+                None, None)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               chunk_elements: int = 2**25) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (rows with a target only) without the
+    [rows, vocab] logits: liger-kernel's Triton kernel on CUDA where installed, else chunks of
+    `chunk_elements / vocab` rows (128 MiB of fp32 logits at a time)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # no targets: a zero that keeps the graph
+    if _liger_ok(hidden.device):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        out = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets)
+        return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+    return _ChunkedLinearCE.apply(hidden, weight, targets, max(1, chunk_elements // weight.shape[0]))
 
 
 # ---------------------------------------------------------------- default model

@@ -300,6 +300,42 @@ def plot(rows: list[dict], corpora: list[str], leaves: dict[str, str], path: Pat
     plt.close(fig)
 
 
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    """Training curves of every PEFT node, one panel each: held-out loss on the fixed sample (solid), the mean
+    training loss since the previous point (dotted), the learning rate (grey, right axis). False when no node has one."""
+    curves = [(r["node"], r["train"]["curve"]) for r in rows if r.get("train", {}).get("curve")]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(curves))
+    n_rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5 * cols, 3.6 * n_rows), squeeze=False)
+    for ax, (node, curve) in zip(axes.flat, curves):
+        steps = [p["step"] for p in curve]
+        ax.plot(steps, [p["heldout_loss"] for p in curve], "o-", c="tab:red", ms=3, label="held-out loss")
+        train = [(p["step"], p["train_loss"]) for p in curve if p["train_loss"] is not None]
+        ax.plot([s for s, _ in train], [v for _, v in train], ":", c="tab:blue", label="train loss (mean since last point)")
+        ax.set_title(node, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats / target token)")
+        ax.grid(alpha=0.3)
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [p["lr"] for p in curve], c="gray", lw=0.8, alpha=0.6)
+        lr_ax.set_ylabel("lr", color="gray", fontsize=8)
+        lr_ax.tick_params(labelsize=7, colors="gray")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     plan = build_plan(params)
     rows = load_rows(params, root)
@@ -324,6 +360,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
           table(rows, corpora, plan.leaves), "", "![Pareto plot](pareto.png)", "",
           *ablation(rows, {n: list(params.stages[node.chain[0]].methods) for n, node in plan.nodes.items()
                            if len(node.chain) == 1 and params.stages[node.chain[0]].kind == "peft"}, corpora)]
+    if plot_curves(rows, out / "train_curves.png"):
+        md += ["Training curves of the PEFT nodes (held-out loss on a fixed sample of the domain's held-out split):", "",
+               "![Training curves](train_curves.png)", ""]
     (out / "compare.md").write_text("\n".join(md))
     summary = {}
     for r in rows:

@@ -34,6 +34,21 @@ def window_nlls(lm: LM, ids: torch.Tensor, seq_len: int, batch_size: int = 8, de
     return out
 
 
+@torch.no_grad()
+def sequence_nlls(lm: LM, seqs: data.Batch, batch_size: int = 8) -> list[float]:
+    """Mean NLL over each sequence's target tokens (an instruction example's response), one value per sequence."""
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_size):
+        b = seqs[i: i + batch_size].trimmed()
+        # right padding: under causal attention no real position sees a pad, so no mask is needed here
+        logits = lm.logits(b.ids).float()
+        targets = torch.nn.functional.pad(b.labels[:, 1:], (0, 1), value=data.IGNORE).to(lm.device)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
+                                                ignore_index=data.IGNORE).view(targets.shape)
+        out.extend((nll.sum(1) / (targets != data.IGNORE).sum(1).clamp(min=1)).tolist())
+    return out
+
+
 def perplexity(lm: LM, ids: torch.Tensor, seq_len: int, batch_size: int = 8, desc: str = "ppl") -> float:
     nll = window_nlls(lm, ids, seq_len, batch_size, desc)
     return math.exp(sum(nll) / len(nll))
@@ -135,14 +150,27 @@ def corpus_nlls(lm: LM, params: Params) -> tuple[dict[str, list[float]], torch.T
     """Per-window NLLs on every eval corpus (the domain held-out split included); also the first corpus' ids."""
     ev = params.evaluate
     nll, first_ids = {}, None
+    domain = params.data.domain
     for name, text in data.eval_texts(params.data).items():
         ids = data.tokenize(lm.tokenizer, text, ev.max_tokens)
         first_ids = ids if first_ids is None else first_ids
-        nll[name] = [round(x, 6) for x in window_nlls(lm, ids, ev.seq_len, ev.batch_size, desc=f"ppl {name}")]
+        if name == "domain_heldout" and domain.template != "none":  # instruction data: the responses only
+            seqs = data.heldout_sequences(lm.tokenizer, domain, ev.seq_len, ev.max_tokens)
+            nll[name] = [round(x, 6) for x in sequence_nlls(lm, seqs, ev.batch_size)]
+        else:
+            nll[name] = [round(x, 6) for x in window_nlls(lm, ids, ev.seq_len, ev.batch_size, desc=f"ppl {name}")]
         if not all(math.isfinite(x) for x in nll[name]):
             raise FloatingPointError(f"perplexity on {name} is nan / inf (NaN / inf weights or activations: a corrupt "
                                      f"artifact or a diverged stage); delete the artifact and run its node again")
     return nll, first_ids
+
+
+def heldout_convention(params: Params) -> str:
+    domain = params.data.domain
+    if domain.template != "none":
+        return (f"last {domain.heldout_fraction:.0%} of the {domain.template} examples, each one sequence (prompt + "
+                f"response, at most seq_len tokens): perplexity of the response tokens, averaged per example")
+    return f"tail {domain.heldout_fraction:.0%} of the domain corpus ({data.convention(domain)})"
 
 
 def run(path: Path, params: Params) -> dict:
@@ -171,7 +199,7 @@ def run(path: Path, params: Params) -> dict:
         "nll_per_window": nll,
         "eval": {"seq_len": ev.seq_len, "tokens": tokens, "windows": {k: len(v) for k, v in nll.items()},
                  "conventions": {k: data.convention(c) for k, c in params.data.eval.items()} |
-                 {"domain_heldout": f"tail {params.data.domain.heldout_fraction:.0%} of the domain corpus ({data.convention(params.data.domain)})"}},
+                 {"domain_heldout": heldout_convention(params)}},
         "params": params_,
         "size": size_stats(path, params_["total"]),
         "latency": latency_,

@@ -7,6 +7,7 @@ The artifact holds only the PEFT parts: its base weights are referenced from the
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -133,39 +134,102 @@ class PruneDuring:
                 "schedule": self.log}
 
 
-def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, ids: torch.Tensor, seed: int,
-          on_step: Callable[[int], None] | None = None) -> dict:
-    """AdamW on the PEFT parameters; timed from the first step (tokenization is done before). `on_step(step)` runs
+def lr_factor(cfg: PeftCfg) -> Callable[[int], float]:
+    """The lr multiplier after `step` optimizer steps: linear warm-up to 1, then cosine decay to 0 at `steps`
+    (or constant)."""
+    warmup, steps = cfg.warmup, cfg.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    return factor
+
+
+@torch.no_grad()
+def heldout_loss(lm: LM, sample: data.Batch, batch_size: int, fused: bool) -> float:
+    """Mean loss over every target token of the fixed held-out sample, in eval mode (no dropout)."""
+    was_training = lm.model.training
+    lm.model.eval()
+    n = sample.n_targets
+    total = sum(lm.loss(sample[i: i + batch_size].trimmed(), num_items=n, fused=fused).item()
+                for i in range(0, len(sample), batch_size))
+    lm.model.train(was_training)
+    return total
+
+
+def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, source: torch.Tensor | data.Batch, seed: int,
+          heldout: data.Batch | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+    """AdamW on the PEFT parameters: warm-up + cosine schedule, `grad_accum` micro-batches per step, the held-out
+    loss of a fixed sample every `eval_every` steps (train.curve), optional early stop on its plateau. Timed from
+    the first step (tokenization is done before); the held-out evaluations are timed apart. `on_step(step)` runs
     after each optimizer step (1-based), e.g. PruneDuring."""
     opt = torch.optim.AdamW(params_, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    fused = cfg.fused_loss == "auto"
+    every = cfg.curve_every if heldout is not None else 0
     lm.model.train()
     losses: list[float] = []
+    curve: list[dict] = []
+    best, bad, stopped = float("inf"), 0, None
+    eval_s = 0.0
+    tokens = 0
     reset_peak_memory(lm.device)
+
+    def record(step: int) -> None:
+        nonlocal eval_s, best, bad
+        t = time.perf_counter()
+        loss = heldout_loss(lm, heldout, cfg.batch_size, fused)
+        eval_s += time.perf_counter() - t
+        since = losses[len(losses) - min(every, len(losses)):] if losses else []
+        curve.append({"step": step, "train_loss": round(sum(since) / len(since), 4) if since else None,
+                      "heldout_loss": round(loss, 4), "lr": sched.get_last_lr()[0]})
+        if loss < best - cfg.early_stop_min_delta:
+            best, bad = loss, 0
+        else:
+            bad += 1
+
+    if every:
+        record(0)  # where training starts from
+    micro = data.train_batches(source, cfg.seq_len, cfg.batch_size, cfg.steps * cfg.grad_accum, seed)
     t0 = time.perf_counter()
-    bar = tqdm(data.train_batches(ids, cfg.seq_len, cfg.batch_size, cfg.steps, seed),
-               total=cfg.steps, desc=f"train {'+'.join(cfg.methods)}", unit="step")
-    for batch in bar:
-        loss = lm.loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {len(losses) + 1} (diverged, or a corrupt "
-                                     f"base); lower stages.<name>.lr or rebuild the parent node")
-        loss.backward()
+    bar = tqdm(range(cfg.steps), desc=f"train {'+'.join(cfg.methods)}", unit="step")
+    for step in bar:
+        batches = [next(micro) for _ in range(cfg.grad_accum)]
+        n = sum(b.n_targets for b in batches)  # the accumulated batch's targets: each micro-batch's share
+        total = 0.0
+        for b in batches:
+            loss = lm.loss(b, num_items=n, fused=fused)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss.item()} at step {step + 1} (diverged, or a corrupt "
+                                         f"base); lower stages.<name>.lr or rebuild the parent node")
+            loss.backward()
+            total += loss.item()
+            tokens += b.n_tokens
         torch.nn.utils.clip_grad_norm_(params_, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(total)
         if on_step is not None:
             on_step(len(losses))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    seconds = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{total:.3f}")
+        if every and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            record(step + 1)
+            if cfg.early_stop_patience and bad >= cfg.early_stop_patience:
+                stopped = step + 1
+                break
+    seconds = time.perf_counter() - t0 - eval_s
     lm.model.eval()
     k = max(1, len(losses) // 5)
-    return {"steps": cfg.steps, "seconds": round(seconds, 2),
-            "tokens_per_s": round(cfg.steps * cfg.batch_size * cfg.seq_len / seconds, 1),
+    return {"steps": len(losses), "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "loss_first": round(sum(losses[:k]) / k, 4), "loss_last": round(sum(losses[-k:]) / k, 4),
-            "trainable_params": sum(p.numel() for p in params_), "peak_memory_mb": peak_memory_mb(lm.device)}
+            "trainable_params": sum(p.numel() for p in params_), "peak_memory_mb": peak_memory_mb(lm.device),
+            "loss_impl": lm.loss_impl(fused), "grad_accum": cfg.grad_accum, "warmup_steps": cfg.warmup,
+            "schedule": cfg.schedule, "curve": curve, "heldout_eval_seconds": round(eval_s, 2),
+            **({"stopped_early_at": stopped} if stopped else {})}
 
 
 def save_peft(lm: LM, peft: Path) -> None:
@@ -193,8 +257,10 @@ def run(src: Path, cfg: PeftCfg, out: Path, params: Params) -> dict:
         lm = load_lm(src, params.model)
         trainable = add_peft(lm, cfg, seed)
         pruner = PruneDuring(lm, cfg.prune_during, cfg.steps) if cfg.prune_during else None
-        ids = data.tokenize(lm.tokenizer, data.domain_split(params.data.domain)[0])
-        runs.append({"seed": seed, **train(lm, trainable, cfg, ids, seed, on_step=pruner)})
+        domain = params.data.domain
+        source = data.train_source(lm.tokenizer, domain, cfg.seq_len)
+        heldout = data.heldout_sample(lm.tokenizer, domain, cfg.seq_len, cfg.eval_sequences) if cfg.curve_every else None
+        runs.append({"seed": seed, **train(lm, trainable, cfg, source, seed, heldout, on_step=pruner)})
         peft = artifact.peft_dir(out)
         save_peft(lm, peft if i == 0 else artifact.seed_dir(out, seed))
         if pruner is not None:  # one seed only (config): the node's base is this run's
