@@ -217,7 +217,8 @@ def test_chunked_fused_cross_entropy_matches_logits_cross_entropy():
 
 
 @pytest.mark.parametrize("methods,tied", [(("lora", "adapter", "prompt"), False), (("lora", "prompt"), True),
-                                          (("adapter",), False), (("prompt",), True)])
+                                          (("adapter",), False), (("prompt",), True),
+                                          (("lora", "prefix", "prompt"), False)])  # the prefix cache + padding mask
 def test_fused_loss_equals_the_hf_loss_and_its_gradients(tiny_model, methods, tied):
     lm, trainable = tiny_lm(tiny_model, methods, tied=tied)
     assert lm.loss_impl(True) == "chunked" and lm.loss_impl(False) == "hf"
