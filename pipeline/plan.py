@@ -24,6 +24,7 @@ class State:
     sparse: bool = False
     lora: bool = False                # unmerged LoRA present
     modules: tuple[str, ...] = ()     # adapter / prompt modules present (kept through merges)
+    adapter_act: str | None = None    # the adapter's activation; merge folds "linear" adapters into the weights
     merged: bool = False
     quantized_before: bool = False    # for the Harma flag
 
@@ -34,6 +35,8 @@ class State:
         peft = (("lora",) if self.lora else ()) + self.modules
         if peft:
             parts.append("+" + "+".join(peft))
+        if self.adapter_act == "linear":
+            parts[-1] = parts[-1].replace("adapter", "adapter(linear)")
         if self.merged:
             parts.append("merged")
         return " ".join(parts)
@@ -61,10 +64,13 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
         if state.lora or state.modules:
             raise ValueError("the model already has PEFT modules (two peft stages on one model); merge is not enough, drop one peft stage")
         assert isinstance(cfg, PeftCfg)
-        return replace(state, lora="lora" in cfg.methods, modules=tuple(m for m in cfg.methods if m != "lora")), flag
+        return replace(state, lora="lora" in cfg.methods, modules=tuple(m for m in cfg.methods if m != "lora"),
+                       adapter_act=cfg.adapter_act if "adapter" in cfg.methods else None), flag
     if kind == "merge":
         if not (state.lora or state.modules) or state.merged:
             raise ValueError("nothing to merge: no peft stage since the last merge; add a peft stage before it or remove the merge")
+        if state.adapter_act == "linear":  # folded into the MLP weights: no adapter module is left
+            state = replace(state, modules=tuple(m for m in state.modules if m != "adapter"), adapter_act=None)
         return replace(state, lora=False, quant=None, merged=True), flag
     raise ValueError(f"unknown stage kind {kind!r}")
 

@@ -36,7 +36,8 @@ def add_peft(lm: LM, cfg: PeftCfg, seed: int) -> list[torch.nn.Parameter]:
             init = vocab[torch.randint(0, min(vocab.shape[0], 5000), (cfg.prompt_tokens,))].detach().float()
         lm.hybrid = Hybrid(config.hidden_size, config.num_hidden_layers,
                            cfg.adapter_dim if "adapter" in cfg.methods else None,
-                           cfg.prompt_tokens if "prompt" in cfg.methods else None, init).to(lm.device)
+                           cfg.prompt_tokens if "prompt" in cfg.methods else None, init,
+                           adapter_act=cfg.adapter_act).to(lm.device)
         lm.hybrid.attach(lm.model)
     trainable = [p for p in lm.model.parameters() if p.requires_grad]
     return trainable + (list(lm.hybrid.parameters()) if lm.hybrid else [])
