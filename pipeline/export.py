@@ -52,9 +52,10 @@ def _quality(metrics: dict | None) -> list[str]:
     if not metrics:
         return ["The node has not been evaluated yet (`python -m pipeline run NODE` evaluates it)."]
     ev = metrics["eval"]
-    return ["Perplexity the pipeline measured for this node (windows of "
-            f"{ev['seq_len']} tokens, `add_special_tokens=False`, fp32 on CPU unless stated otherwise):", ""] + [
-        f"- {c}: {p} over {ev['tokens'][c]:,} tokens ({ev['conventions'].get(c, '')})" for c, p in metrics["ppl"].items()]
+    return ["Perplexity the pipeline measured for this node, to check a deployment against (text tokenized without "
+            f"special tokens, the first tokens cut into non-overlapping windows of {ev['seq_len']}, mean NLL per window; "
+            "in the dtype the pipeline ran in, fp32 on CPU):", ""] + [
+        f"- {c}: {p} over {ev['tokens'][c]:,} tokens; {ev['conventions'].get(c, '')}" for c, p in metrics["ppl"].items()]
 
 
 def _snippet(name: str, man: dict, libs: list[str]) -> str:
