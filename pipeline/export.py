@@ -70,6 +70,9 @@ def _snippet(name: str, man: dict, libs: list[str]) -> str:
             'print(hybrid_loader.generate(model, tokenizer, hybrid, "To be, or not", max_new_tokens=20))'])
     lines = ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")']
+    if fmt == "gptq":
+        lines.append('# on a GPU, offline: add quantization_config=GPTQConfig(bits=4, backend="triton"); the default '
+                     "kernel choice may JIT-build one that downloads its sources")
     if fmt in ("nf4", "gptq"):
         lines.append(f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype=torch.float32, '
                      'device_map={"": "cpu"})  # {"": "cuda"} on a GPU')

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from .config import Params, PeftCfg
 
 HARMA = "quantizing before pruning loses quality (Harma et al. 2024, arXiv 2405.20935)"
+INEXACT_FOLD = ("a linear adapter folded into a sparse down_proj whose zeros merge keeps (keep_mask) is no longer exact; "
+                "see merge_error, or set keep_mask: false on that merge")
 
 
 class PlanError(ValueError):
@@ -70,6 +72,8 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
         if not (state.lora or state.modules) or state.merged:
             raise ValueError("nothing to merge: no peft stage since the last merge; add a peft stage before it or remove the merge")
         if state.adapter_act == "linear":  # folded into the MLP weights: no adapter module is left
+            if state.sparse and cfg.keep_mask:
+                flag = INEXACT_FOLD
             state = replace(state, modules=tuple(m for m in state.modules if m != "adapter"), adapter_act=None)
         return replace(state, lora=False, quant=None, merged=True), flag
     raise ValueError(f"unknown stage kind {kind!r}")

@@ -69,6 +69,23 @@ def test_linear_adapter_folds_exactly_into_down_proj(runs):
     assert r["hybrid_lin-merge"]["params"]["peft"] == 0
 
 
+def test_plan_state_after_folding(tmp_path):
+    from pipeline.config import parse_params
+    from pipeline.plan import INEXACT_FOLD, build_plan
+
+    raw = tiny_params(tmp_path)
+    raw["stages"]["lin"] = {"kind": "peft", "methods": ["lora", "adapter", "prompt"], "adapter_act": "linear"}
+    raw["orderings"] = {"dense": ["lin", "merge"], "sparse": ["mag50", "lin", "merge"], "gelu": ["hybrid", "merge"]}
+    plan = build_plan(parse_params(raw))
+    merged = plan.nodes["lin-merge"]
+    assert merged.state.modules == ("prompt",) and merged.state.adapter_act is None and not merged.flags
+    assert plan.nodes["hybrid-merge"].state.modules == ("adapter", "prompt")
+    assert plan.nodes["mag50-lin-merge"].flags == [INEXACT_FOLD]  # keep_mask re-zeroes part of the folded down_proj
+    raw["stages"]["lora_only"]["adapter_act"] = "linear"
+    with pytest.raises(ValueError, match="adapter_act applies to the adapter method"):
+        parse_params(raw)
+
+
 def test_merged_linear_node_in_plain_transformers_matches_the_unmerged_node(runs):
     from transformers import AutoModelForCausalLM
 
