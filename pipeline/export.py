@@ -60,19 +60,21 @@ def _quality(metrics: dict | None) -> list[str]:
 
 def _snippet(name: str, man: dict, libs: list[str]) -> str:
     fmt = man["format"]
+    gptq_note = ('# GPTQ on a GPU, offline: pass quantization_config=GPTQConfig(bits=4, backend="triton") to the load; '
+                 "the default kernel choice may JIT-build one that downloads its sources")
     if artifact.HYBRID_LOADER in libs:
         return "\n".join([
             "import sys", "", f'sys.path.insert(0, "{name}")  # this folder: hybrid_loader.py lives in it',
-            "import hybrid_loader", "",
+            "import hybrid_loader", "", *([gptq_note] if fmt == "gptq" else []),
             f'model, tokenizer, hybrid = hybrid_loader.load("{name}", device="cpu")  # device="cuda" on a GPU',
             'ids = tokenizer("To be, or not", return_tensors="pt", add_special_tokens=False).input_ids',
             "logits = hybrid_loader.logits(model, hybrid, ids)  # the real tokens' logits (soft prompt dropped)",
             'print(hybrid_loader.generate(model, tokenizer, hybrid, "To be, or not", max_new_tokens=20))'])
-    lines = ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+    lines = ["import torch", *(["from peft import PeftModel"] if "peft" in libs else []),
+             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")']
     if fmt == "gptq":
-        lines.append('# on a GPU, offline: add quantization_config=GPTQConfig(bits=4, backend="triton"); the default '
-                     "kernel choice may JIT-build one that downloads its sources")
+        lines.append(gptq_note)
     if fmt in ("nf4", "gptq"):
         lines.append(f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype=torch.float32, '
                      'device_map={"": "cpu"})  # {"": "cuda"} on a GPU')
@@ -80,7 +82,7 @@ def _snippet(name: str, man: dict, libs: list[str]) -> str:
         lines.append(f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype=torch.float32)  '
                      '# torch.bfloat16 on a GPU')
     if "peft" in libs:
-        lines += ["from peft import PeftModel", "", f'model = PeftModel.from_pretrained(model, "{name}/lora")']
+        lines.append(f'model = PeftModel.from_pretrained(model, "{name}/lora")')
     lines += ['ids = tokenizer("To be, or not", return_tensors="pt", add_special_tokens=False).input_ids',
               "print(tokenizer.decode(model.generate(input_ids=ids, max_new_tokens=20, do_sample=False)[0]))"]
     return "\n".join(lines)

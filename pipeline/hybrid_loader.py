@@ -93,16 +93,18 @@ class Hybrid(nn.Module):
         return torch.cat([p, embeds], dim=1)
 
 
-def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **from_pretrained):
     """(model, tokenizer, hybrid) from an export dir: base weights (fp, NF4 or GPTQ), LoRA (peft), then the hybrid
-    parts, attached. fp32 is the dtype the pipeline evaluated in on CPU; pass torch.bfloat16 on a GPU to save memory."""
+    parts, attached. fp32 is the dtype the pipeline evaluated in on CPU; pass torch.bfloat16 on a GPU to save memory.
+    Other keyword arguments go to AutoModelForCausalLM.from_pretrained (e.g. a GPTQConfig picking the kernel)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     info = json.loads((path / "export.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(path)
     quantized = info["format"] in ("nf4", "gptq")  # placed at load time by bitsandbytes / gptqmodel
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"device_map": {"": device}} if quantized else {}))
+    placed = {"device_map": {"": device}} if quantized else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed, **from_pretrained)
     if not quantized:
         model.to(device)
     if (path / "lora").is_dir():
