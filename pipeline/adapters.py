@@ -33,15 +33,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class BottleneckAdapter(nn.Module):
-    """Houlsby-style bottleneck h + up(act(down(h))); `up` starts at zero so training starts from the base model."""
+    """Houlsby-style bottleneck h + up(act(down(h))); `up` starts at zero so training starts from the base model.
 
-    def __init__(self, hidden: int, dim: int):
+    act="linear": no activation and no biases, so h + U D h = (I + U D) h is a linear map that merge folds exactly
+    into the MLP's last projection (a Llama down_proj has no bias to absorb U d + u unless config.mlp_bias)."""
+
+    def __init__(self, hidden: int, dim: int, act: str = "gelu"):
         super().__init__()
-        self.down = nn.Linear(hidden, dim)
-        self.up = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        bias = act != "linear"
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.Identity() if act == "linear" else nn.GELU()
         nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        if bias:
+            nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
@@ -103,12 +108,13 @@ class Hybrid(nn.Module):
     def __init__(self, hidden: int, n_layers: int, adapter_dim: int | None, prompt_tokens: int | None,
                  init_prompt: torch.Tensor | None = None, prefix_tokens: int | None = None,
                  prefix_shape: list[int] | None = None, prefix_mlp: int | None = None,
-                 init_prefix: torch.Tensor | None = None):
+                 init_prefix: torch.Tensor | None = None, adapter_act: str = "gelu"):
         super().__init__()
         self.cfg = {"hidden": hidden, "n_layers": n_layers, "adapter_dim": adapter_dim, "prompt_tokens": prompt_tokens,
                     "prefix_tokens": prefix_tokens, "prefix_shape": list(prefix_shape) if prefix_shape else None,
-                    "prefix_mlp": prefix_mlp}
-        self.adapters = nn.ModuleList(BottleneckAdapter(hidden, adapter_dim) for _ in range(n_layers)) if adapter_dim else None
+                    "prefix_mlp": prefix_mlp, "adapter_act": adapter_act}
+        self.adapters = (nn.ModuleList(BottleneckAdapter(hidden, adapter_dim, adapter_act) for _ in range(n_layers))
+                         if adapter_dim else None)
         if prompt_tokens:
             # initialised from real token embeddings: trains faster than random vectors (Lester et al. 2021)
             init = init_prompt if init_prompt is not None else torch.randn(prompt_tokens, hidden) * 0.02
@@ -143,6 +149,18 @@ class Hybrid(nn.Module):
             return
         for layer, adapter in zip(decoder_layers(model), self.adapters):
             self._hooks.append(layer.mlp.register_forward_hook(lambda _m, _i, out, a=adapter: a(out)))
+
+    @property
+    def foldable(self) -> bool:
+        """Linear adapters: merge can fold them into the base weights."""
+        return self.adapters is not None and self.cfg.get("adapter_act") == "linear"
+
+    def drop_adapters(self, model: nn.Module) -> None:
+        """Remove the adapters (after merge folded them into `model`); the other parts stay attached."""
+        self.detach()
+        self.adapters = None
+        self.cfg["adapter_dim"] = None
+        self.attach(model)
 
     def detach(self) -> None:
         for h in self._hooks:

@@ -229,6 +229,24 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
 
 
+# the name loads_with gives this project's adapter / prompt code: pipeline/adapters.py here, and the standalone
+# hybrid_loader.py (plain torch + transformers) that `python -m pipeline export` writes beside an exported node
+HYBRID_LOADER = "hybrid_loader"
+
+
+def loads_with(man: dict) -> list[str]:
+    """What a user needs to load this artifact at the quality the pipeline reports for it, from its manifest:
+    transformers, + bitsandbytes (NF4) or optimum + gptqmodel (GPTQ, transformers' own requirements), + peft for
+    unmerged LoRA, + the hybrid loader while adapters / a soft prompt remain as modules (not folded by a merge)."""
+    state = man["state"]
+    libs = ["transformers"] + {"nf4": ["bitsandbytes"], "gptq": ["optimum", "gptqmodel"]}.get(man["format"], [])
+    if state.get("lora"):
+        libs.append("peft")
+    if state.get("modules"):
+        libs.append(HYBRID_LOADER)
+    return libs
+
+
 def library_versions() -> dict[str, str]:
     out = {}
     for lib in LIBRARIES:

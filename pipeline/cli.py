@@ -1,6 +1,7 @@
-"""`python -m pipeline ...`: plan, run a node, generate dvc.yaml, build the report, fetch the default model."""
+"""`python -m pipeline ...`: plan, run a node, generate dvc.yaml, build the report, export a node, fetch the default model."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ from typing import Iterator
 import typer
 
 from .config import ConfigError, load_params
-from .plan import PlanError, build_plan
+from .plan import Plan, PlanError, build_plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compare orderings of pruning, quantization, hybrid PEFT, merge and PTQ on a causal LM.")
@@ -135,6 +136,43 @@ def report(params_path: Path = ParamsOpt) -> None:
         _fail(str(exc))
     typer.echo("\n".join(line for line in result["markdown"].splitlines() if line.startswith("- ")))
     typer.echo("wrote reports/compare.md, reports/compare.json, reports/pareto.png")
+
+
+@app.command()
+def export(node: str = typer.Argument(..., help="a built node, e.g. nf4-hybrid-merge-nf4_ptq (see `plan`)"),
+           dest: Path = typer.Argument(..., help="the folder to create (absent or empty)"),
+           params_path: Path = ParamsOpt) -> None:
+    """Write a self-contained folder for one node, loadable without this project: its base weights in their deploy
+    format (fp / NF4 / GPTQ, copied in when the node references its parent's), the tokenizer, LoRA as a peft adapter
+    dir, adapters / soft prompt as safetensors with a standalone hybrid_loader.py, export.json, and a README.md
+    that says exactly how to load it and which libraries it needs (the report's `loads with` column)."""
+    from .export import ExportError, check_dest
+    from .runner import CACHED, NOT_EVALUATED, artifact_path, metrics_path, node_status
+
+    dest = dest.resolve()  # before _load changes into the params file's directory
+    try:
+        check_dest(dest)
+    except ExportError as exc:
+        _fail(str(exc))
+    params, p = _load(params_path)
+    if node not in p.nodes:
+        _fail(f"no node '{node}' in {params_path}; nodes: {', '.join(p.nodes)}")
+    chain = []
+    n = p.nodes[node]
+    while n is not None:  # the node's status depends on its ancestors only
+        chain.insert(0, n.name)
+        n = p.nodes[n.parent] if n.parent else None
+    status = node_status(params, Plan({k: p.nodes[k] for k in chain}, {}))[node]
+    if status not in (CACHED, NOT_EVALUATED):
+        why = {"missing": "not built", "stale": "stale (it or an ancestor was built with other params or inputs)",
+               "corrupt": "corrupt (its files differ from its manifest)"}[status]
+        _fail(f"node '{node}' is {why}; build it first: python -m pipeline run {node} (or dvc repro {node})")
+    with _guard(f"export-{node}"):
+        from .export import export as export_node
+
+        metrics = json.loads(metrics_path(node).read_text()) if status == CACHED else None
+        info = export_node(artifact_path(node), dest, metrics)
+    typer.echo(f"wrote {dest} ({node}; loads with {' + '.join(info['loads_with'])}; see its README.md)")
 
 
 @app.command("fetch-model")

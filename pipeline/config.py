@@ -192,6 +192,9 @@ class PeftCfg(Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = ["q_proj", "v_proj"]
     adapter_dim: int = Field(32, ge=1, description="bottleneck width of the adapter after each MLP")
+    adapter_act: Literal["gelu", "linear"] = Field(
+        "gelu", description="adapter activation: gelu (kept as a module through merges), or linear (no activation, no "
+        "biases: merge folds it exactly into each MLP's down_proj, so a merged node needs no adapter code to deploy)")
     prompt_tokens: int = Field(8, ge=1, description="soft prompt length (virtual tokens)")
     prefix_tokens: int = Field(8, ge=1, description="prefix tuning: key/value vectors per attention layer")
     prefix_mlp: bool = Field(False, description="prefix tuning: train the prefix through an MLP (Li & Liang's "
@@ -221,6 +224,12 @@ class PeftCfg(Strict):
         "HF model's own loss")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed (default: the global seed); "
                                     "the first seed's parts feed the children, the report gives mean and spread")
+
+    @model_validator(mode="after")
+    def _act_needs_adapter(self) -> "PeftCfg":
+        if "adapter_act" in self.model_fields_set and "adapter" not in self.methods:
+            raise ValueError("adapter_act applies to the adapter method; add adapter to methods or drop adapter_act")
+        return self
 
     @field_validator("methods")
     @classmethod

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from .config import Params, PeftCfg
 
 HARMA = "quantizing before pruning loses quality (Harma et al. 2024, arXiv 2405.20935)"
+INEXACT_FOLD = ("a linear adapter folded into a sparse down_proj whose zeros merge keeps (keep_mask) is no longer exact; "
+                "see merge_error, or set keep_mask: false on that merge")
 
 
 class PlanError(ValueError):
@@ -24,6 +26,7 @@ class State:
     sparse: bool = False
     lora: bool = False                # unmerged LoRA present
     modules: tuple[str, ...] = ()     # adapter / prompt modules present (kept through merges)
+    adapter_act: str | None = None    # the adapter's activation; merge folds "linear" adapters into the weights
     merged: bool = False
     quantized_before: bool = False    # for the Harma flag
 
@@ -34,6 +37,8 @@ class State:
         peft = (("lora",) if self.lora else ()) + self.modules
         if peft:
             parts.append("+" + "+".join(peft))
+        if self.adapter_act == "linear":
+            parts[-1] = parts[-1].replace("adapter", "adapter(linear)")
         if self.merged:
             parts.append("merged")
         return " ".join(parts)
@@ -70,10 +75,15 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
                 flag = HARMA
             sparse = True
         return replace(state, sparse=sparse, lora="lora" in cfg.methods,
-                       modules=tuple(m for m in cfg.methods if m != "lora")), flag
+                       modules=tuple(m for m in cfg.methods if m != "lora"),
+                       adapter_act=cfg.adapter_act if "adapter" in cfg.methods else None), flag
     if kind == "merge":
         if not (state.lora or state.modules) or state.merged:
             raise ValueError("nothing to merge: no peft stage since the last merge; add a peft stage before it or remove the merge")
+        if state.adapter_act == "linear":  # folded into the MLP weights: no adapter module is left
+            if state.sparse and cfg.keep_mask:
+                flag = INEXACT_FOLD
+            state = replace(state, modules=tuple(m for m in state.modules if m != "adapter"), adapter_act=None)
         return replace(state, lora=False, quant=None, merged=True), flag
     raise ValueError(f"unknown stage kind {kind!r}")
 

@@ -5,7 +5,7 @@ import csv
 import json
 from pathlib import Path
 
-from . import stats
+from . import artifact, stats
 from .config import Params
 from .plan import build_plan
 from .runner import metrics_fingerprint, metrics_path
@@ -76,6 +76,11 @@ def _ci(value: float, ci: list[float] | None, digits: int = 2, pct: bool = False
     return f"{f(value)} [{f(ci[0])}, {f(ci[1])}]" if ci else f(value)
 
 
+def loads_with(r: dict) -> str:
+    """The libraries that load a node at its reported quality (metrics written before the field: '?')."""
+    return " + ".join(r["loads_with"]) if "loads_with" in r else "?"
+
+
 def _seed_note(r: dict) -> str | None:
     if "seeds" not in r:
         return None
@@ -91,7 +96,7 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
     by = {r["node"]: r for r in rows}
     base = rows[0]
     tasks = tasks_of(rows)
-    head = (["node", "ordering (leaf)", "state"] + [f"ppl {c} [95% CI]" for c in corpora] +
+    head = (["node", "ordering (leaf)", "state", "loads with"] + [f"ppl {c} [95% CI]" for c in corpora] +
             ["Δ domain ppl vs parent", "Δ domain ppl vs base"] + [f"acc {t} % [95% CI]" for t in tasks] +
             ["params", "PEFT params", "sparsity", "bits/w", "MB deploy", "MB stored",
              "prefill tok/s", "decode tok/s", "peak MB", "stage s", "notes"])
@@ -112,7 +117,7 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
         for t in tasks:
             z = r["zeroshot"][t]
             acc.append(_ci(z[main_metric(z)], z.get("ci95"), pct=True))
-        cells = ([f"`{r['node']}`", ", ".join(leaf_of.get(r["node"], [])) or "", r["state"]] +
+        cells = ([f"`{r['node']}`", ", ".join(leaf_of.get(r["node"], [])) or "", r["state"], loads_with(r)] +
                  [_ci(r["ppl"][c], r.get("ppl_ci95", {}).get(c)) for c in corpora] +
                  [fmt_diff(diff(parent, r, DOMAIN)) if parent else "", fmt_diff(diff(base, r, DOMAIN)) if parent else ""] +
                  acc +
@@ -159,7 +164,7 @@ def advice(rows: list[dict], leaves: dict[str, str]) -> list[str]:
         out.append(winner(rows, leaf_nodes, f"acc:{t}", f"Best {t} accuracy among the orderings"))
     smallest_o, smallest_n = min(leaves.items(), key=lambda kv: (by[kv[1]]["size"]["bytes"], by[kv[1]]["ppl"][DOMAIN]))
     out.append(f"Smallest deployable: **{smallest_o}** (`{smallest_n}`, {_mb(by[smallest_n]['size']['bytes'])} MB, "
-               f"domain ppl {by[smallest_n]['ppl'][DOMAIN]:.2f}).")
+               f"domain ppl {by[smallest_n]['ppl'][DOMAIN]:.2f}; loads with {loads_with(by[smallest_n])}).")
     front = pareto(rows, DOMAIN)
     out.append("Pareto-optimal (bytes vs domain ppl): " + ", ".join(f"`{n}`" for n in front) + ".")
     on_base = [r["node"] for r in rows if len(r["chain"]) == 1 and r["kind"] == "peft"]
@@ -355,7 +360,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
           f"{zs_line}Every value has a 95% bootstrap interval over windows / items; every Δ is a paired bootstrap "
           "interval on the same windows, marked * where it excludes 0 and n.s. where it does not. "
           "`MB deploy` = base weights + PEFT files needed to serve the node; `MB stored` = what its artifact itself holds "
-          "(adapter-only nodes reference their parent's weights).", "",
+          "(adapter-only nodes reference their parent's weights). `loads with` = the libraries that load the node at "
+          f"its reported quality; `{artifact.HYBRID_LOADER}` = the adapter / soft-prompt code, which plain clients lack "
+          "(`python -m pipeline export NODE DIR` writes it beside the node as a standalone file).", "",
           *[f"- {line}" for line in advice(rows, plan.leaves)], "",
           table(rows, corpora, plan.leaves), "", "![Pareto plot](pareto.png)", "",
           *ablation(rows, {n: list(params.stages[node.chain[0]].methods) for n, node in plan.nodes.items()
@@ -366,7 +373,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     (out / "compare.md").write_text("\n".join(md))
     summary = {}
     for r in rows:
-        entry = {}
+        entry = {"loads_with": loads_with(r)}
         for c in corpora:
             entry[f"ppl_{c}"] = r["ppl"][c]
             lo, hi = r["ppl_ci95"][c]

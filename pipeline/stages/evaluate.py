@@ -194,6 +194,7 @@ def run(path: Path, params: Params) -> dict:
     for seed in artifact.extra_seeds(path):  # the same node trained with other seeds: same windows
         seeds[seed] = corpus_nlls(load_lm(path, params.model, seed=seed), params)[0]
     return {
+        "loads_with": artifact.loads_with(artifact.read_manifest(path)),
         "ppl": ppl,
         "ppl_ci95": ppl_ci,
         "nll_per_window": nll,

@@ -57,7 +57,8 @@ def add_peft(lm: LM, cfg: PeftCfg, seed: int) -> list[torch.nn.Parameter]:
                           0, min(lm.model.get_input_embeddings().weight.shape[0], 5000), (cfg.prefix_tokens,)))}
         lm.hybrid = Hybrid(config.hidden_size, config.num_hidden_layers,
                            cfg.adapter_dim if "adapter" in cfg.methods else None,
-                           cfg.prompt_tokens if "prompt" in cfg.methods else None, init, **prefix).to(lm.device)
+                           cfg.prompt_tokens if "prompt" in cfg.methods else None, init,
+                           adapter_act=cfg.adapter_act, **prefix).to(lm.device)
         lm.hybrid.attach(lm.model)
     trainable = [p for p in lm.model.parameters() if p.requires_grad]
     return trainable + (list(lm.hybrid.parameters()) if lm.hybrid else [])
