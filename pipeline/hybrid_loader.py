@@ -2,9 +2,10 @@
 bitsandbytes (NF4) or optimum + gptqmodel (GPTQ) when its weights are quantized (its README.md says which).
 
 `python -m pipeline export NODE DIR` copies this file into DIR as hybrid_loader.py when the node keeps bottleneck
-adapters or a soft prompt: the parts transformers and peft lack. It re-creates them exactly as the pipeline that
-trained them runs them (an adapter h + up(act(down(h))) on the output of each decoder layer's MLP, as a forward
-hook; a soft prompt prepended to the input embeddings) and imports nothing of that pipeline, so it must not: it is
+adapters, a soft prompt or a prefix: the parts transformers and peft lack. It re-creates them exactly as the
+pipeline that trained them runs them (an adapter h + up(act(down(h))) on the output of each decoder layer's MLP, as
+a forward hook; a soft prompt prepended to the input embeddings; a prefix as a KV cache pre-filled with its keys and
+values, which the sequence follows at positions P..) and imports nothing of that pipeline, so it must not: it is
 the deployable copy of pipeline/adapters.py, checked against it by tests/test_export.py.
 
     import sys; sys.path.insert(0, "DIR")
@@ -16,6 +17,7 @@ the deployable copy of pipeline/adapters.py, checked against it by tests/test_ex
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from torch import nn
 HYBRID_DIR = "hybrid"
 CONFIG = "hybrid.json"
 WEIGHTS = "hybrid.safetensors"
-KNOWN_PARTS = {"hidden", "n_layers", "adapter_dim", "prompt_tokens", "adapter_act"}
+KNOWN_PARTS = {"hidden", "n_layers", "adapter_dim", "prompt_tokens", "adapter_act", "prefix_tokens", "prefix_shape",
+               "prefix_mlp"}  # prefix_mlp is always null in a saved node: the pipeline folds the MLP on save
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -52,15 +55,35 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
 
 
+class Prefix(nn.Module):
+    """Prefix tuning's keys and values, kv [n_layers, 2 (key, value), kv_heads, tokens, head_dim]."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, tokens: int):
+        super().__init__()
+        self.kv = nn.Parameter(torch.zeros(n_layers, 2, kv_heads, tokens, head_dim))
+
+    def cache(self, batch: int, config, dtype: torch.dtype):
+        """A DynamicCache holding the prefix in every layer; the forward that uses it grows it: one per call."""
+        from transformers import DynamicCache
+
+        kv = self.kv.to(dtype)
+        cache = DynamicCache(config=config)
+        for i in range(kv.shape[0]):
+            cache.update(kv[i, 0].unsqueeze(0).expand(batch, -1, -1, -1), kv[i, 1].unsqueeze(0).expand(batch, -1, -1, -1), i)
+        return cache
+
+
 class Hybrid(nn.Module):
-    """Bottleneck adapters (one per decoder layer) and / or a soft prompt, read from DIR/hybrid/."""
+    """Bottleneck adapters (one per decoder layer), a soft prompt and / or a prefix, read from DIR/hybrid/."""
 
     def __init__(self, hidden: int, n_layers: int, adapter_dim: int | None = None, prompt_tokens: int | None = None,
-                 adapter_act: str = "gelu"):
+                 adapter_act: str = "gelu", prefix_tokens: int | None = None, prefix_shape: list[int] | None = None,
+                 prefix_mlp: None = None):
         super().__init__()
         self.adapters = (nn.ModuleList(BottleneckAdapter(hidden, adapter_dim, adapter_act) for _ in range(n_layers))
                          if adapter_dim else None)
         self.prompt = nn.Parameter(torch.zeros(prompt_tokens, hidden)) if prompt_tokens else None
+        self.prefix = Prefix(prefix_shape[0], prefix_shape[1], prefix_shape[2], prefix_tokens) if prefix_tokens else None
         self._hooks: list = []
 
     @classmethod
@@ -118,6 +141,16 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return model.eval(), tokenizer, hybrid
 
 
+def _with_prefix(model: nn.Module, hybrid: Hybrid | None, batch: int, dtype: torch.dtype) -> dict:
+    """forward() kwargs that put the prefix cache in front of a new sequence (none without a prefix)."""
+    if hybrid is None or hybrid.prefix is None:
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers 5.24 renamed forward's past_key_values to cache (the old name warns)
+    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return {name: hybrid.prefix.cache(batch, base.config, dtype)}
+
+
 def embeds(model: nn.Module, hybrid: Hybrid | None, ids: torch.Tensor) -> torch.Tensor:
     emb = model.get_input_embeddings()(ids)
     return hybrid.prepend_prompt(emb) if hybrid is not None else emb
@@ -126,7 +159,8 @@ def embeds(model: nn.Module, hybrid: Hybrid | None, ids: torch.Tensor) -> torch.
 @torch.no_grad()
 def logits(model: nn.Module, hybrid: Hybrid | None, ids: torch.Tensor) -> torch.Tensor:
     """Logits of the real tokens (the soft-prompt positions dropped)."""
-    out = model(inputs_embeds=embeds(model, hybrid, ids), use_cache=False).logits
+    e = embeds(model, hybrid, ids)
+    out = model(inputs_embeds=e, use_cache=False, **_with_prefix(model, hybrid, e.shape[0], e.dtype)).logits
     return out[:, hybrid.n_prompt if hybrid is not None else 0:]
 
 
@@ -136,6 +170,14 @@ def generate(model: nn.Module, tokenizer, hybrid: Hybrid | None, text: str, max_
     device = model.get_input_embeddings().weight.device
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
     e = embeds(model, hybrid, ids)
+    if hybrid is not None and hybrid.prefix is not None:  # a greedy loop over the prefix cache (generate() would
+        kw = _with_prefix(model, hybrid, 1, e.dtype)        # treat the cached prefix as part of the input)
+        (name, past), new = next(iter(kw.items())), []
+        out = model(inputs_embeds=e, use_cache=True, **{name: past})
+        for _ in range(max_new_tokens):
+            new.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            out = model(input_ids=new[-1], use_cache=True, **{name: out.past_key_values})
+        return tokenizer.decode(torch.cat(new, dim=1)[0], skip_special_tokens=True)
     mask = torch.ones(e.shape[:2], dtype=torch.long, device=device)
     kwargs.setdefault("do_sample", False)
     out = model.generate(inputs_embeds=e, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)

@@ -20,7 +20,7 @@ from pipeline.cli import app
 from pipeline.runner import artifact_path
 
 LOADER = artifact.HYBRID_LOADER
-EXPORTED = ["hybrid_lin-merge", "hybrid", "nf4", "nf4-hybrid", "hybrid-merge"]
+EXPORTED = ["hybrid_lin-merge", "hybrid", "nf4", "nf4-hybrid", "hybrid-merge", "prefixed"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,10 @@ def runs(tmp_path_factory, tiny_model):
     p = tiny_params(tiny_model)
     p["stages"]["hybrid_lin"] = {"kind": "peft", "methods": ["lora", "adapter"], "adapter_act": "linear",
                                  "adapter_dim": 16, "steps": 8, "seq_len": 64, "lr": 0.01}
-    p["orderings"] = {"linear": ["hybrid_lin", "merge"], "qlora": ["nf4", "hybrid"], "gelu": ["hybrid", "merge"]}
+    p["stages"]["prefixed"] = {"kind": "peft", "methods": ["lora", "prefix", "prompt"], "prefix_tokens": 4,
+                               "prompt_tokens": 4, "steps": 8, "seq_len": 64, "lr": 0.01}
+    p["orderings"] = {"linear": ["hybrid_lin", "merge"], "qlora": ["nf4", "hybrid"], "gelu": ["hybrid", "merge"],
+                      "prefixed": ["prefixed"]}
     params, results = run_project(root, p)
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
@@ -115,7 +118,8 @@ def test_loads_with_each_node_kind(runs):
     expected = {"base": ["transformers"], "nf4": ["transformers", "bitsandbytes"],
                 "nf4-hybrid": ["transformers", "bitsandbytes", "peft", LOADER],
                 "hybrid": ["transformers", "peft", LOADER], "hybrid-merge": ["transformers", LOADER],
-                "hybrid_lin": ["transformers", "peft", LOADER], "hybrid_lin-merge": ["transformers"]}
+                "hybrid_lin": ["transformers", "peft", LOADER], "hybrid_lin-merge": ["transformers"],
+                "prefixed": ["transformers", "peft", LOADER]}
     assert {n: m["loads_with"] for n, m in r.items()} == expected
     for name, libs in expected.items():
         assert artifact.loads_with(artifact.read_manifest(artifact_path(name))) == libs
