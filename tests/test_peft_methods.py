@@ -135,6 +135,33 @@ def test_prefix_lora_adapter_prompt_train_together(tiny_model):
         assert any(part in n for n in moved), f"{part} did not train"
 
 
+@torch.no_grad()
+def test_prune_during_scores_the_effective_weight_and_masks_only_grow(tiny_model):
+    """q_proj's base weights are tiny on the first half of the inputs, where LoRA adds a large delta: pruning |W + BA|
+    keeps that half (pruning |W| alone would drop it). A second, higher target keeps every earlier zero."""
+    from pipeline.config import PruneDuringCfg
+    from pipeline.stages.peft import PruneDuring
+
+    lm = fresh_lm(tiny_model)
+    add_peft(lm, peft_cfg(["lora"], lora_targets=["q_proj"]), seed=0)
+    q = lm.model.base_model.model.model.layers[0].self_attn.q_proj
+    half = q.in_features // 2
+    q.base_layer.weight[:, :half] *= 1e-4
+    q.lora_A["default"].weight.zero_()[:, :half] = 1.0
+    q.lora_B["default"].weight.fill_(1.0)  # delta = scaling x r on the first half of every row, 0 on the rest
+    pruner = PruneDuring(lm, PruneDuringCfg(method="magnitude", sparsity=0.5, start=0.0, end=0.5, every=1), steps=4)
+    pruner(2)  # s(2) = 0.5 at t1: the whole target at once
+    w = q.base_layer.weight
+    assert (w[:, :half] != 0).all() and (w[:, half:] == 0).all()
+    zeros = {n: lin.weight == 0 for n, lin in block_linears(lm.model).items()}
+    pruner.cfg = PruneDuringCfg(method="magnitude", sparsity=0.75, start=0.0, end=0.5, every=1)
+    pruner(2)
+    for n, lin in block_linears(lm.model).items():
+        assert (lin.weight[zeros[n]] == 0).all(), n
+        assert (lin.weight == 0).float().mean().item() == pytest.approx(0.75, abs=0.01), n
+    assert [e["target"] for e in pruner.close()["schedule"]] == [0.5, 0.75]
+
+
 # ---------------------------------------------------------------- plan / config
 def _plan(orderings: dict, stages: dict):
     raw = copy.deepcopy(default_raw())
