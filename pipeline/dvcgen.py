@@ -5,6 +5,8 @@ uses, so `dvc repro` reruns exactly the subtree under a changed stage config.
 """
 from __future__ import annotations
 
+import ast
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -15,16 +17,45 @@ from .plan import build_plan
 from .runner import ARTIFACTS, METRICS
 
 PKG = Path(__file__).resolve().parent
-COMMON_CODE = ["__init__.py", "artifact.py", "models.py", "adapters.py", "data.py", "config.py", "runner.py",
-               "stats.py", "stages/evaluate.py"]
+# Every node runs these (the runner, the plan state, the evaluation) besides its kind's stage module; the modules
+# they import inside the package are found by `_imports`, so a new helper module can never be missed.
+COMMON_CODE = ["runner.py", "plan.py", "stages/evaluate.py"]
 ZEROSHOT_CODE = ["zeroshot.py", "zeroshot_tasks"]
 # the data dir each zero-shot task reads (pipeline/zeroshot_tasks/local.py)
 ZEROSHOT_DATA = {"hellaswag": "hellaswag-val", "arc_easy": "ai2-arc-test", "arc_challenge": "ai2-arc-test",
                  "piqa": "piqa-val", "winogrande": "winogrande-dev", "boolq": "boolq-superglue-val",
                  "lambada_openai": "lambada-openai-test", "openbookqa": "openbookqa-main-test", "sst2": "sst2-glue-dev"}
-KIND_CODE = {"base": [], "prune": ["stages/prune.py"], "quantize": ["stages/quantize.py"], "ptq": ["stages/ptq.py", "stages/quantize.py"],
-             "peft": ["stages/peft.py"], "merge": ["stages/merge.py", "stages/prune.py"]}
 HEADER = "# Generated from params.yaml by `python -m pipeline dvc-yaml`: do not edit; edit params.yaml and regenerate.\n"
+
+
+@lru_cache(maxsize=None)
+def _imports(start: str) -> frozenset[str]:
+    """`start` (a file under pipeline/) and every module of the package it imports, transitively, lazy imports
+    inside functions included (an over-approximation is safe: it can only rerun a node, never skip one)."""
+    seen, todo = set(), [PKG / start]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        pkg = list(f.parent.relative_to(PKG).parts)
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue  # the package imports itself relatively only
+            mod = pkg[: len(pkg) - node.level + 1] + (node.module.split(".") if node.module else [])
+            for name in [mod] + [mod + [a.name] for a in node.names]:
+                path = PKG.joinpath(*name)
+                for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+                    if candidate.is_file() and candidate != PKG / "stages" / "__init__.py":  # that one imports every stage
+                        todo.append(candidate)
+                        break
+    return frozenset(str(p.relative_to(PKG)) for p in seen)
+
+
+def code_of(kind: str) -> list[str]:
+    """The package files a node of `kind` depends on (`base` runs only the common code)."""
+    files = set().union(*(_imports(f) for f in COMMON_CODE + ([f"stages/{kind}.py"] if kind != "base" else [])))
+    return sorted(f for f in files if not f.startswith("zeroshot"))  # added with the task data when zero-shot is on
 
 
 def _code(files: list[str], root: Path) -> list[str]:
@@ -56,7 +87,7 @@ def generate(params: Params, root: Path = Path(".")) -> dict:
         cfg = params.stages[node.config] if node.config else None
         kind = cfg.kind if cfg else "base"
         calib = cfg is not None and uses_calibration(cfg)
-        deps = ([str(ARTIFACTS / node.parent)] if node.parent else []) + _code(COMMON_CODE + KIND_CODE[kind], root)
+        deps = ([str(ARTIFACTS / node.parent)] if node.parent else []) + _code(code_of(kind), root)
         deps += _data_files(params, calibration=calib) + (_model_dep(params) if node.parent is None else [])
         if params.evaluate.zeroshot:
             deps += _code(ZEROSHOT_CODE, root) + sorted({f"data/{ZEROSHOT_DATA[t]}" for t in params.evaluate.zeroshot})
