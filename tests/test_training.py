@@ -287,3 +287,20 @@ def test_peft_node_records_its_curve_and_the_report_draws_it(tmp_path, tiny_mode
     report.run(params)
     assert (tmp_path / "reports" / "train_curves.png").stat().st_size > 10_000
     assert "train_curves.png" in (tmp_path / "reports" / "compare.md").read_text()
+
+
+@pytest.mark.integration
+def test_the_heldout_curve_keeps_training_over_a_gptq_base(tmp_path, tiny_model):
+    """gptqmodel's CPU kernel turns a layer into a no-grad int4 path on its first eval-mode, no-grad forward: the
+    curve's held-out loss before step 1 must not do that, or LoRA over GPTQ stops getting gradients."""
+    from conftest import run_project
+
+    p = tiny_params(tiny_model)
+    p["stages"]["gptq_base"] = {"kind": "quantize", "method": "gptq", "group_size": 128}
+    p["stages"]["lora_fast"] = {"kind": "peft", "methods": ["lora"], "steps": 6, "seq_len": 64, "lr": 0.01,
+                                "eval_every": 2}
+    p["orderings"] = {"gptq_then_lora": ["gptq_base", "lora_fast"]}
+    _, results = run_project(tmp_path, p)
+    train = results["gptq_base-lora_fast"]["train"]
+    assert [c["step"] for c in train["curve"]] == [0, 2, 4, 6]
+    assert train["curve"][-1]["heldout_loss"] < train["curve"][0]["heldout_loss"]

@@ -151,13 +151,17 @@ def lr_factor(cfg: PeftCfg) -> Callable[[int], float]:
 
 @torch.no_grad()
 def heldout_loss(lm: LM, sample: data.Batch, batch_size: int, fused: bool) -> float:
-    """Mean loss over every target token of the fixed held-out sample, in eval mode (no dropout)."""
-    was_training = lm.model.training
-    lm.model.eval()
+    """Mean loss over every target token of the fixed held-out sample, without dropout. Only the dropout modules
+    go to eval mode: gptqmodel 7.6's CPU kernel (TorchAtenLinear) switches a layer for good to a no-grad int4 path on
+    its first forward in eval mode without grad, which would cut every later training gradient."""
+    dropouts = [m for m in lm.model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
     n = sample.n_targets
     total = sum(lm.loss(sample[i: i + batch_size].trimmed(), num_items=n, fused=fused).item()
                 for i in range(0, len(sample), batch_size))
-    lm.model.train(was_training)
+    for m in dropouts:
+        m.train()
     return total
 
 
