@@ -100,18 +100,19 @@ def generate(params: Params, root: Path = Path(".")) -> dict:
             "outs": [str(ARTIFACTS / node.name)],
             "metrics": [{str(METRICS / f"{node.name}.json"): {"cache": False}}],
         }
+    curves = any(c.kind == "peft" and c.curve_every for c in params.stages.values())  # report.plot_curves draws them
     stages["report"] = {
         "cmd": "python -m pipeline report",
         "deps": [str(METRICS / f"{n}.json") for n in plan.nodes] + _code(["report.py"], root),
         "params": ["orderings"],
         "outs": [{"reports/compare.md": {"cache": False}}, {"reports/pareto.png": {"cache": False}},
-                 {"reports/nodes.csv": {"cache": False}}],
+                 {"reports/nodes.csv": {"cache": False}}] + ([{"reports/train_curves.png": {"cache": False}}] if curves else []),
         "metrics": [{"reports/compare.json": {"cache": False}}],
     }
     # `dvc plots show` / `dvc plots diff`: the Pareto image and one point per node (compare.json nests too deep)
-    plots = [{"reports/pareto.png": None},
-             {"reports/nodes.csv": {"template": "scatter", "x": "mb", "y": "ppl_domain_heldout",
-                                    "title": "Per node: domain perplexity vs MB to deploy"}}]
+    plots = [{"reports/pareto.png": None}] + ([{"reports/train_curves.png": None}] if curves else []) + [
+        {"reports/nodes.csv": {"template": "scatter", "x": "mb", "y": "ppl_domain_heldout",
+                               "title": "Per node: domain perplexity vs MB to deploy"}}]
     return {"stages": stages, "plots": plots}
 
 
