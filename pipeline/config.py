@@ -308,7 +308,8 @@ def _format(err: ValidationError, path: Path) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, stricter: duplicate keys are refused, and `2:4` stays the string "2:4".
+    """PyYAML's safe loader, stricter: duplicate keys are refused, `2:4` stays the string "2:4" and `off` the string
+    "off".
 
     YAML 1.1 (PyYAML) reads an unquoted 2:4 as the base-60 integer 124; DVC reads params.yaml as YAML 1.2, where it is
     the string "2:4". Reading it as DVC does keeps one meaning for one file."""
@@ -330,7 +331,14 @@ def _int_or_sexagesimal_str(loader: yaml.SafeLoader, node):
     return value if ":" in value else yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
+def _bool_or_str(loader: yaml.SafeLoader, node):
+    """YAML 1.2 (DVC's reading) has only true / false as booleans: `fused_loss: off` is the string "off", not False."""
+    value = loader.construct_scalar(node)
+    return value if value.lower() not in ("true", "false") else value.lower() == "true"
+
+
 _Loader.add_constructor("tag:yaml.org,2002:int", _int_or_sexagesimal_str)
+_Loader.add_constructor("tag:yaml.org,2002:bool", _bool_or_str)
 _Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_mapping)
 
 

@@ -51,3 +51,13 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("stages: [unclosed\n")
     with pytest.raises(ConfigError, match=r"params.yaml:2:1: .*fix the YAML"):
         load_params(bad)
+
+
+def test_yaml_reads_as_dvc_does_yaml_1_2(tmp_path):
+    """2:4 stays a string and on / off / yes / no are strings (YAML 1.2, as DVC reads params.yaml); true / false stay
+    booleans."""
+    from pipeline.config import read_yaml
+
+    f = tmp_path / "p.yaml"
+    f.write_text("a: 2:4\nb: off\nc: yes\nd: false\ne: True\nf: 12\n")
+    assert read_yaml(f) == {"a": "2:4", "b": "off", "c": "yes", "d": False, "e": True, "f": 12}
