@@ -155,7 +155,9 @@ def dense_weight(mod: nn.Module) -> torch.Tensor | None:
         import bitsandbytes.functional as bnbf
 
         # LLM.int8 rows: int8 * SCB / 127 (per output row); outliers are a matmul-time split, not stored
-        return bnbf.int8_vectorwise_dequant(mod.weight.data, mod.weight.SCB).float()
+        # the row scales sit on the weight after quantizing, on the module state after a load
+        scb = mod.weight.SCB if getattr(mod.weight, "SCB", None) is not None else mod.state.SCB
+        return bnbf.int8_vectorwise_dequant(mod.weight.data, scb).float()
     if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
         return mod.dequantize_weight().T  # GPTQModel returns [in, out]
     return None
