@@ -131,7 +131,6 @@ class QuantMethodCfg(Strict):
     damp_percent: float = Field(0.05, gt=0, lt=1, description="gptq: Hessian dampening as a fraction of its mean "
                                 "diagonal; GPTQModel's default 0.05, the GPTQ paper / llm-compressor 0.01")
     double_quant: bool = Field(True, description="NF4: quantize the quantization constants too")
-    quantize_embeddings: bool = Field(False, description="also store the input embedding (and a tied lm_head) in 8 bits")
 
     @field_validator("group_size")
     @classmethod
