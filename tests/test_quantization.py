@@ -64,7 +64,7 @@ def fresh_load(out: Path, ids: torch.Tensor, tmp: Path) -> dict[str, torch.Tenso
 
 def assert_same_model(reference: torch.nn.Module, loaded: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
     """The reloaded checkpoint holds exactly the quantized weights, and gives the quantized model's logits up to
-    its kernel's arithmetic (CPU int4 kernel: bf16 activations)."""
+    its kernel's arithmetic (CPU int4 kernel: bf16 activations, 6e-3 of the logit range on the tiny model)."""
     weights = {k: v for k, v in loaded.items() if k != "logits"}
     assert weights, "no quantized linear found after the load"
     for name, w in weights.items():
@@ -73,7 +73,7 @@ def assert_same_model(reference: torch.nn.Module, loaded: dict[str, torch.Tensor
         assert torch.equal(w, (mod.weight if expected is None else expected).float()), name
     with torch.no_grad():
         expected = reference(ids).logits
-    assert (loaded["logits"] - expected).abs().max().item() < q.ROUNDTRIP_TOLERANCE * expected.abs().max().item()
+    assert (loaded["logits"] - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
 
 
 SETTINGS = [  # a few corners of the space, each a different kernel or packing path on CPU
@@ -126,7 +126,7 @@ def test_quantize_stage_records_its_round_trip(base, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     info = q.quantize(src, cfg(method="rtn", bits=4, group_size=128), out, params)
-    assert info["format"] == "gptq" and info["roundtrip"]["relative"] < q.ROUNDTRIP_TOLERANCE
+    assert info["format"] == "gptq" and info["roundtrip"]["weights_max_abs_diff"] == 0
 
 
 @pytest.mark.integration
@@ -135,7 +135,7 @@ def test_int8_loads_back_and_dequantizes(base, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     info = q.quantize(src, cfg(method="int8"), out, params)
-    assert info["format"] == "int8" and info["roundtrip"]["relative"] < q.ROUNDTRIP_TOLERANCE
+    assert info["format"] == "int8" and info["roundtrip"]["weights_max_abs_diff"] == 0
     ids = q.probe_ids(tok, params)
     reference = q.bnb(artifact.weights_dir(src), cfg(method="int8"), tmp_path / "again", params)
     assert_same_model(reference, fresh_load(out, ids, tmp_path), ids)
