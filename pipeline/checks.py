@@ -10,7 +10,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .config import CorpusCfg, Params, PeftCfg, PruneCfg, QuantMethodCfg
+from .config import CorpusCfg, ModelCfg, Params, PeftCfg, PruneCfg, QuantMethodCfg
 from .plan import Plan, PlanError
 
 MAX_NODE_NAME = 200  # bytes; file names are <= 255 and a node's temp dir adds '.<name>.tmp-<pid>'
@@ -96,6 +96,40 @@ def _check_device(device: str) -> None:
         raise PlanError(f"model.device: {device}: only {torch.cuda.device_count()} GPU(s) visible; use a lower index")
 
 
+@lru_cache(maxsize=32)
+def _kernel_for(bits: int, group_size: int, sym: bool, desc_act: bool, device: str, backend: str) -> str:
+    """The GPTQModel kernel a GPTQ checkpoint of these settings loads with (what transformers' GPTQ quantizer asks
+    GPTQModel for: `hf_select_quant_linear_v2`, dtype unspecified); raises ValueError when none can."""
+    from gptqmodel.utils.importer import hf_select_quant_linear_v2
+
+    return hf_select_quant_linear_v2(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, format="gptq",
+                                     quant_method="gptq", device_map={"": device}, backend=backend,
+                                     pack=False).__name__
+
+
+def _check_gptq_kernel(cname: str, cfg: QuantMethodCfg, model: ModelCfg) -> None:
+    """A GPTQ / RTN setting no installed kernel can load on the target device fails here, not after quantizing."""
+    import torch
+
+    device = "cuda" if model.device.startswith("cuda") or model.device == "auto" and torch.cuda.is_available() else "cpu"
+    # load_base asks for model.gptq_kernel on GPU and lets GPTQModel choose on CPU
+    backend = model.gptq_kernel if device == "cuda" else "auto"
+    try:
+        kernel = _kernel_for(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, device, backend)
+    except (ValueError, NotImplementedError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        fix = ("use bits 2, 4 or 8, or model.gptq_kernel: torch (slower, all bits)" if device == "cuda" and cfg.bits == 3
+               else "change bits / group_size / sym / desc_act" + (", or model.gptq_kernel" if device == "cuda" else ""))
+        raise PlanError(f"stages.{cname}.bits: no installed GPTQModel kernel loads bits={cfg.bits} group_size="
+                        f"{cfg.group_size} sym={cfg.sym} desc_act={cfg.desc_act} on {device} with backend {backend} "
+                        f"({reason}); {fix}") from None
+    if kernel == "TorchFusedLinear" and not cfg.sym:
+        # measured: weights dequantize exactly, but its forward is off by ~85% of the logit range (GPTQModel 7.6)
+        raise PlanError(f"stages.{cname}.sym: GPTQModel 7.6 loads 4-bit per-channel (group_size -1) checkpoints on CPU "
+                        f"with TorchFusedLinear, which computes wrong logits for asymmetric ones; use sym: true or a "
+                        f"group_size such as 64")
+
+
 def check(params: Params, plan: Plan) -> None:
     """Raise PlanError (one line) for anything that would fail once work has started."""
     ev = params.evaluate
@@ -115,7 +149,9 @@ def check(params: Params, plan: Plan) -> None:
     linears: dict[str, int] | None = None
     for cname in sorted(used):
         cfg = params.stages[cname]
-        if isinstance(cfg, PruneCfg) and cfg.nm or isinstance(cfg, QuantMethodCfg) and cfg.method == "gptq":
+        if isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn"):
+            _check_gptq_kernel(cname, cfg, params.model)
+        if isinstance(cfg, PruneCfg) and cfg.nm or isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn"):
             linears = linears if linears is not None else block_linears(config)
             width, what = ((cfg.nm[1], f"the group of {cfg.nm[1]} of pattern {cfg.pattern}") if isinstance(cfg, PruneCfg)
                            else (cfg.group_size, f"group_size {cfg.group_size}"))

@@ -148,12 +148,39 @@ class PruneCfg(Strict):
         return None if self.pattern == "unstructured" else tuple(map(int, self.pattern.split(":")))  # type: ignore[return-value]
 
 
+GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel 7.6's QuantizeConfig accepts these
+# fields that only some methods read: setting one for another method is a mistake worth a one-line error
+METHOD_FIELDS = {"bits": ("gptq", "rtn"), "group_size": ("gptq", "rtn"), "sym": ("gptq", "rtn"),
+                 "desc_act": ("gptq",), "damp_percent": ("gptq",), "double_quant": ("nf4",)}
+
+
 class QuantMethodCfg(Strict):
-    method: Literal["nf4", "gptq"]
-    bits: Literal[4] = 4
-    group_size: int = Field(64, description="GPTQ group size; must divide every in_features (SmolLM2: 64, not 128)")
+    method: Literal["nf4", "gptq", "rtn", "int8"] = Field(
+        description="nf4 (bitsandbytes 4-bit NormalFloat), gptq (GPTQModel, calibrated), rtn (round-to-nearest, no "
+        "calibration, same GPTQ checkpoint format), int8 (bitsandbytes LLM.int8)")
+    bits: Literal[2, 3, 4, 8] = Field(4, description="gptq / rtn: bits per weight")
+    group_size: int = Field(64, description="gptq / rtn: weights sharing one scale + zero along in_features; -1 = one "
+                            "per output channel. Must divide every in_features (SmolLM2: 64, not 128)")
+    sym: bool = Field(True, description="gptq / rtn: symmetric grid (zero point fixed at the middle); false = asymmetric")
+    desc_act: bool = Field(False, description="gptq: quantize columns in order of decreasing activation (act-order); "
+                           "false keeps GPTQModel 7.6's default group-aware reordering (act_group_aware)")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="gptq: Hessian dampening as a fraction of its mean "
+                                "diagonal; GPTQModel's default 0.05, the GPTQ paper / llm-compressor 0.01")
     double_quant: bool = Field(True, description="NF4: quantize the quantization constants too")
 
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v not in GPTQ_GROUP_SIZES:
+            raise ValueError(f"use one of {list(GPTQ_GROUP_SIZES)} (-1 = per output channel)")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_of_method(self) -> "QuantMethodCfg":
+        for name, methods in METHOD_FIELDS.items():
+            if name in self.model_fields_set and self.method not in methods:
+                raise ValueError(f"{name} applies to method {' / '.join(methods)} only, not {self.method}; drop it")
+        return self
 
 class QuantizeCfg(QuantMethodCfg):
     kind: Literal["quantize"]
@@ -379,3 +406,8 @@ def parse_params(raw: dict, path: Path = Path("params.yaml")) -> Params:
 def uses_calibration(cfg: StageCfg) -> bool:
     """Stages that read the calibration corpus (Wanda scores, GPTQ Hessians)."""
     return (cfg.kind == "prune" and cfg.method == "wanda") or (cfg.kind in ("quantize", "ptq") and cfg.method == "gptq")
+
+
+def storage_format(cfg: "QuantMethodCfg") -> str:
+    """How a quantize method stores its weights (the artifact's `format`): RTN writes the GPTQ checkpoint format."""
+    return "gptq" if cfg.method == "rtn" else cfg.method

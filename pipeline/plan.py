@@ -22,7 +22,7 @@ class PlanError(ValueError):
 class State:
     """What the model is after a node: the ordering rules are checks on this."""
 
-    quant: str | None = None          # None (fp) | "nf4" | "gptq"
+    quant: str | None = None          # None (fp) | a quantize method: "nf4" | "int8" | "gptq" | "rtn"
     sparse: bool = False
     lora: bool = False                # unmerged LoRA present
     modules: tuple[str, ...] = ()     # adapter / prompt modules present (kept through merges)

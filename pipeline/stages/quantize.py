@@ -1,8 +1,17 @@
-"""Weight quantization of an fp model: NF4 (bitsandbytes, via transformers) or 4-bit GPTQ (GPTQModel).
+"""Weight quantization of an fp model: NF4 / LLM.int8 (bitsandbytes, via transformers), GPTQ and RTN (GPTQModel).
 
 auto-gptq, the library the card names, is abandoned: it fails to import with transformers 5 and peft >= 0.14 and
 refuses to run without CUDA. GPTQModel is its maintained successor and transformers' own GPTQ backend; it writes
 the standard GPTQ checkpoint format, which `AutoModelForCausalLM.from_pretrained` loads back.
+
+RTN uses GPTQModel's own weight-only path (`QuantizeConfig(weight_only={"method": "rtn"})` -> RTNConfig): no
+calibration, no Hessian, the same quantizer grid and the same GPTQ packing, so an RTN checkpoint loads exactly like a
+GPTQ one and the two differ only in how the integers were chosen (the comparison RTN is the floor for).
+
+Every method returns the model "right after quantization" (for GPTQ / RTN: an fp model holding the dequantized
+integers GPTQModel packed, because GPTQModel's in-process modules keep the v1 zero-point layout its kernels do not
+read); `quantize()` reloads the saved checkpoint the way the next stage will and records the logit difference, so a
+checkpoint that does not reproduce the quantized model fails the node instead of skewing the comparison.
 ptq.py reuses `quantize()`: the same methods, placed after a merge.
 """
 from __future__ import annotations
@@ -12,20 +21,30 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import artifact, data
-from ..config import Params, QuantMethodCfg, QuantizeCfg
-from ..models import device_of, dtype_of, save_weights
+from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
+from ..models import dense_weight, device_of, dtype_of, load_base, save_weights
+
+# The check is on weights: the reloaded checkpoint must dequantize to exactly the quantized weights. Logits are only
+# recorded: the kernels a load picks compute differently from the dense reference (GPTQModel's CPU int4 kernel,
+# TorchAtenLinear, rounds activations to bf16: measured 6e-3 of the logit range on the tiny model, 2.7e-2 on
+# SmolLM2-135M's 30 layers), so a logit tolerance tight enough to matter would fail correct checkpoints.
+PROBE_TOKENS = 64
 
 
 def bnb_config(cfg: QuantMethodCfg, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
+    if cfg.method == "int8":  # LLM.int8: int8 rows + fp16 outlier columns (threshold 6.0, the paper's)
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                               bnb_4bit_use_double_quant=cfg.double_quant)
 
 
-def nf4(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> None:
+def bnb(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
+    """NF4 or LLM.int8: bitsandbytes quantizes at load time; transformers serializes it to safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device_of(params.model)
@@ -34,28 +53,108 @@ def nf4(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> None:
                                                  device_map={"": str(device)},
                                                  trust_remote_code=params.model.trust_remote_code)
     save_weights(model, AutoTokenizer.from_pretrained(weights, trust_remote_code=params.model.trust_remote_code), out)
+    return model.eval()
 
 
-def gptq(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> None:
+def gptq_config(cfg: QuantMethodCfg):
+    """GPTQModel's QuantizeConfig for a gptq / rtn stage config (every knob explicit: GPTQModel's defaults move)."""
+    from gptqmodel import QuantizeConfig
+
+    common = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+              "offload_to_disk": False}  # offloaded modules are not readable back for the reference below
+    if cfg.method == "rtn":
+        return QuantizeConfig(**common, desc_act=False, weight_only={"method": "rtn"})
+    # GPTQModel 7.6 turns its group-aware reordering (GAR) on by default; it excludes act-order and needs groups
+    return QuantizeConfig(**common, desc_act=cfg.desc_act, act_group_aware=not cfg.desc_act and cfg.group_size > 0,
+                          damp_percent=cfg.damp_percent)
+
+
+@torch.no_grad()
+def _dequantized_copy(qmodel: nn.Module, weights: Path, qcfg, params: Params) -> nn.Module:
+    """An fp model holding what GPTQModel packed: its in-process modules keep v1 zero points (stored as zero - 1),
+    which the kernels' `dequantize_weight` reads as v2, so they are converted first (the step a load does)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+    from transformers import AutoModelForCausalLM
+
+    dense = {}
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, BaseQuantLinear):
+            if mod.qzero_format() == 1:
+                convert_gptq_v1_to_v2_format_module(mod, bits=qcfg.bits, pack_dtype=mod.pack_dtype)
+                mod.qzero_format(2)
+            dense[name] = mod.dequantize_weight().T.float()
+    fp = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32,
+                                              trust_remote_code=params.model.trust_remote_code)
+    for name, w in dense.items():
+        fp.get_submodule(name).weight.copy_(w)
+    return fp.eval()
+
+
+def gptq(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
+    """GPTQ (calibrated) or RTN (weight-only) through GPTQModel, saved in the GPTQ checkpoint format."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
 
     device = device_of(params.model)
     tok = AutoTokenizer.from_pretrained(weights, trust_remote_code=params.model.trust_remote_code)
-    calib = [{"input_ids": ids[0].tolist(), "attention_mask": [1] * ids.shape[1]}
-             for ids in data.calibration(tok, params.data.calibration, params.seed)]
-    qcfg = QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size, sym=True, desc_act=False)
+    calib = None
+    if cfg.method == "gptq":
+        calib = [{"input_ids": ids[0].tolist(), "attention_mask": [1] * ids.shape[1]}
+                 for ids in data.calibration(tok, params.data.calibration, params.seed)]
+    qcfg = gptq_config(cfg)
     default_dtype = torch.get_default_dtype()  # GPTQModel changes the process-wide default; later loads need it back
     try:
         model = GPTQModel.load(str(weights), qcfg, device=str(device), dtype=dtype_of(params.model, device),
                                trust_remote_code=params.model.trust_remote_code)
         model.quantize(calib, batch_size=1)
         model.save(str(out))
+        reference = _dequantized_copy(model.model, weights, qcfg, params)
     finally:
         torch.set_default_dtype(default_dtype)
     tok.save_pretrained(out)
     (out / "quant_log.csv").unlink(missing_ok=True)  # GPTQModel's per-layer log: not part of the model
+    return reference
+
+
+METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptq}
+
+
+def probe_ids(tokenizer, params: Params) -> torch.Tensor:
+    """A fixed calibration-like window for round-trip checks: the first tokens of the calibration corpus."""
+    return data.tokenize(tokenizer, data.corpus_text(params.data.calibration), PROBE_TOKENS)[None]
+
+
+def _dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each quantized linear's weight in fp32. The GPTQ reference is a plain fp copy: its decoder-block linears (all
+    that GPTQModel quantizes) stand for the quantized ones."""
+    found = {n: w for n, m in model.named_modules() if (w := dense_weight(m)) is not None}
+    if not found:
+        found = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    return {n: w.detach().float().cpu() for n, w in found.items()}
+
+
+@torch.no_grad()
+def roundtrip_error(reference: nn.Module, out: Path, fmt: str, params: Params) -> dict:
+    """How far the checkpoint, loaded as the next stage loads it, is from the quantized model: weights (must be
+    identical) and logits on a probe (kernel arithmetic, recorded)."""
+    device = device_of(params.model)
+    dtype = dtype_of(params.model, device)
+    model, tok = load_base(out, fmt, params.model, device)
+    loaded = _dense_weights(model)  # before any forward: CPU TorchFusedLinear repacks its weights on the first one
+    expected = _dense_weights(reference)
+    if set(loaded) != set(expected):
+        raise RuntimeError(f"quantize: the saved checkpoint quantizes {sorted(set(loaded) ^ set(expected))[:3]} "
+                           f"differently from the quantized model")
+    weight_diff = max((loaded[n] - expected[n]).abs().max().item() for n in loaded)
+    ids = probe_ids(tok, params).to(device)
+    if fmt not in ("nf4", "int8"):  # the dequantized GPTQ copy: compute it as the loaded model does
+        reference = reference.to(device=device, dtype=dtype)
+    ref = reference(ids).logits.float()
+    diff = (model(ids).logits.float() - ref).abs().max().item()
+    return {"weights_max_abs_diff": weight_diff, "max_abs_logit_diff": diff,
+            "relative_logit_diff": diff / ref.abs().max().item(), "dtype": str(dtype)}
 
 
 def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
@@ -63,11 +162,17 @@ def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     stage; adapters / prompt after a merge) are copied beside the quantized base and stay fp32. GPTQ calibrates on
     the base alone: forward hooks carrying the PEFT parts, put on the model GPTQModel loads, saw no calls during its
     layer-by-layer pass (measured on the tiny model), so the PEFT-aware calibration the literature suggests is not done."""
-    {"nf4": nf4, "gptq": gptq}[cfg.method](artifact.weights_dir(src), cfg, out, params)
+    fmt = storage_format(cfg)
+    reference = METHODS[cfg.method](artifact.weights_dir(src), cfg, out, params)
+    err = roundtrip_error(reference, out, fmt, params)
+    if not err["weights_max_abs_diff"] == 0:  # `not ==` also catches NaN
+        raise RuntimeError(f"quantize {cfg.method}: the saved checkpoint's weights are up to "
+                           f"{err['weights_max_abs_diff']:.3g} away from the quantized model's; it does not load back as "
+                           f"quantized")
     peft = artifact.peft_dir(src)
     if peft.is_dir():
         shutil.copytree(peft, artifact.peft_dir(out), ignore=shutil.ignore_patterns("seeds"))
-    return {"format": cfg.method, "weights": "."}
+    return {"format": fmt, "weights": ".", "roundtrip": err}
 
 
 def run(src: Path, cfg: QuantizeCfg, out: Path, params: Params) -> dict:
