@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--finish", nargs="*", default=None, metavar="DIR",
                     help="run no node: merge the per-node timings in DIR/gpu_trie.partial.json of each process, "
                          "then write the report, the throughput check and the HellaSwag anchor")
+    ap.add_argument("--no-anchor", action="store_true", help="with --finish: skip the full-HellaSwag anchor of the base")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -117,11 +118,12 @@ def main() -> None:
         whole = max(r["t_end"] for r in rows.values()) - min(r["t_begin"] for r in rows.values())
     if args.nodes is None:
         report.run(params, root)
-        for f in ("compare.md", "compare.json", "pareto.png"):
-            shutil.copy(root / "reports" / f, out / f)
+        for f in ("compare.md", "compare.json", "pareto.png", "train_curves.png"):
+            if (root / "reports" / f).is_file():
+                shutil.copy(root / "reports" / f, out / f)
     throughput = eval_throughput(params, root, params.evaluate.batch_size)
     anchor = None
-    if args.nodes is None and params.evaluate.zeroshot:  # the sanity anchor: the base on the full HellaSwag validation set
+    if args.nodes is None and params.evaluate.zeroshot and not args.no_anchor:  # the sanity anchor: the base on the full HellaSwag validation set
         from pipeline.zeroshot import evaluate_zeroshot
 
         t0 = time.perf_counter()
