@@ -121,6 +121,8 @@ def main() -> None:
         for f in ("compare.md", "compare.json", "pareto.png", "train_curves.png"):
             if (root / "reports" / f).is_file():
                 shutil.copy(root / "reports" / f, out / f)
+    if args.nodes is not None:  # one branch of several processes: the --finish call reports
+        return
     throughput = eval_throughput(params, root, params.evaluate.batch_size)
     anchor = None
     if args.nodes is None and params.evaluate.zeroshot and not args.no_anchor:  # the sanity anchor: the base on the full HellaSwag validation set
