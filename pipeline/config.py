@@ -130,7 +130,7 @@ class PruneCfg(Strict):
             if self.nm and "sparsity" in given:
                 raise ValueError(f"an N:M pattern fixes the sparsity ({self.pattern}); drop sparsity, or use pattern: unstructured")
         if self.method != "sparsegpt" and given & {"blocksize", "damp"}:
-            raise ValueError(f"blocksize and damp apply to method sparsegpt only; drop them or set method: sparsegpt")
+            raise ValueError("blocksize and damp apply to method sparsegpt only; drop them or set method: sparsegpt")
         if self.method == "sparsegpt" and self.nm and self.blocksize % self.nm[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} of pattern {self.pattern} "
                              f"(an N:M group may not straddle two blocks); use e.g. blocksize: 128")

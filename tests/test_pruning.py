@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, ROOT, run_project, tiny_params
+from conftest import DATA, run_project, tiny_params
 from pipeline.checks import check
 from pipeline.config import CalibrationCfg, ConfigError, ModelCfg, PruneCfg, parse_params
 from pipeline.models import LM, load_base
@@ -190,6 +190,20 @@ def test_bad_structured_params_fail_in_one_line(tiny_model, change, field):
         parse_params(p)
     msg = str(exc.value)
     assert "\n" not in msg and "stages.struct" in msg and field in msg, msg
+
+
+@pytest.mark.parametrize("stage, words", [
+    ({"method": "sparsegpt", "pattern": "2:4", "blocksize": 6}, "multiple of M=4"),
+    ({"method": "wanda", "damp": 0.1}, "method sparsegpt only"),
+    ({"method": "sparsegpt", "damp": 0}, "damp"),
+])
+def test_bad_sparsegpt_params_fail_in_one_line(tiny_model, stage, words):
+    p = tiny_params(tiny_model)
+    p["stages"]["sg"] = {"kind": "prune", **stage}
+    with pytest.raises(ConfigError) as exc:
+        parse_params(p)
+    msg = str(exc.value)
+    assert "\n" not in msg and "stages.sg" in msg and words in msg, msg
 
 
 @pytest.mark.parametrize("stage, chain, where, words", [

@@ -126,7 +126,8 @@ def structured_sizes(config: dict, cfg: PruneCfg) -> dict:
                          f"multiples of channel_multiple {mult}; choose ffn_sparsity so that 0 < kept < {inter}, or a "
                          f"smaller channel_multiple")
     if cfg.head_groups >= kv:
-        raise ValueError(f"head_groups: {cfg.head_groups} asked for, the model has {kv} KV head groups per layer; remove at most {kv - 1}")
+        raise ValueError(f"head_groups: {cfg.head_groups} asked for, the model has {kv} KV head groups per layer; "
+                         f"remove at most {kv - 1}")
     rep = heads // kv
     return {"intermediate_size": keep, "num_attention_heads": heads - cfg.head_groups * rep,
             "num_key_value_heads": kv - cfg.head_groups, "head_dim": head_dim}
