@@ -144,29 +144,60 @@ def check(params: Params, plan: Plan) -> None:
     for name, corpus in [("calibration", params.data.calibration), ("domain", params.data.domain),
                          *((f"eval.{k}", v) for k, v in params.data.eval.items())]:
         _check_corpus(name, corpus)
-    used = {c for chain in params.orderings.values() for c in chain}
-    config = model_config(params.model.source)
-    linears: dict[str, int] | None = None
-    for cname in sorted(used):
+    for cname in sorted({c for chain in params.orderings.values() for c in chain}):
         cfg = params.stages[cname]
         if isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn"):
             _check_gptq_kernel(cname, cfg, params.model)
-        if isinstance(cfg, PruneCfg) and cfg.nm or isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn"):
-            linears = linears if linears is not None else block_linears(config)
-            width, what = ((cfg.nm[1], f"the group of {cfg.nm[1]} of pattern {cfg.pattern}") if isinstance(cfg, PruneCfg)
-                           else (cfg.group_size, f"group_size {cfg.group_size}"))
-            field = "pattern" if isinstance(cfg, PruneCfg) else "group_size"
-            bad = {n: f for n, f in linears.items() if width > 0 and f % width}
-            if bad:
-                n, f = next(iter(bad.items()))
-                divisors = sorted({d for d in (32, 64, 128) if all(v % d == 0 for v in linears.values())})
-                hint = f"; e.g. {divisors[-1]}" if divisors and field == "group_size" else ""
-                raise PlanError(f"stages.{cname}.{field}: {what} does not divide in_features {f} of {n}; use a "
-                                f"width that divides every layer's in_features {sorted(set(linears.values()))}{hint}")
-        if isinstance(cfg, PeftCfg) and "lora" in cfg.methods:
-            linears = linears if linears is not None else block_linears(config)
-            names = {n.rsplit(".", 1)[-1] for n in linears}
-            missing = [t for t in cfg.lora_targets if t not in names]
-            if missing:
-                raise PlanError(f"stages.{cname}.lora_targets: {missing} not in the model; its linear layers are "
-                                f"{sorted(names)}")
+    base_config = model_config(params.model.source)
+    checked: set[tuple[str, str]] = set()
+    for oname, chain in params.orderings.items():
+        config, shrunk_by = base_config, None  # a structured prune changes the shapes every later stage sees
+        for cname in chain:
+            cfg = params.stages[cname]
+            key = (cname, json.dumps(config, sort_keys=True))
+            if key not in checked:
+                checked.add(key)
+                _check_stage(cname, cfg, config, shrunk_by)
+            if isinstance(cfg, PruneCfg) and cfg.structured:
+                from .stages.prune import structured_sizes
+
+                config, shrunk_by = {**config, **structured_sizes(config, cfg)}, cname
+
+
+STRUCTURED_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj", "self_attn.k_proj",
+                      "self_attn.v_proj", "self_attn.o_proj")
+
+
+def _check_stage(cname: str, cfg, config: dict, shrunk_by: str | None) -> None:
+    """One stage config against the model config it will see (the base's, or the one after a structured prune)."""
+    after = f" (after the structured prune {shrunk_by})" if shrunk_by else ""
+    if isinstance(cfg, PruneCfg) and cfg.structured:
+        missing = [n for n in STRUCTURED_LINEARS if n not in block_linears(config)]
+        if missing or "intermediate_size" not in config:
+            raise PlanError(f"stages.{cname}.pattern: structured pruning needs a gated MLP and q/k/v/o projections "
+                            f"(Llama, Mistral, Qwen); this model lacks {missing or ['intermediate_size']}; use an "
+                            f"unstructured or N:M pattern")
+        from .stages.prune import structured_sizes
+
+        try:
+            structured_sizes(config, cfg)
+        except ValueError as exc:
+            raise PlanError(f"stages.{cname}.{exc}{after}") from None
+    if isinstance(cfg, PruneCfg) and cfg.nm or isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn"):
+        linears = block_linears(config)
+        width, what = ((cfg.nm[1], f"the group of {cfg.nm[1]} of pattern {cfg.pattern}") if isinstance(cfg, PruneCfg)
+                       else (cfg.group_size, f"group_size {cfg.group_size}"))
+        field = "pattern" if isinstance(cfg, PruneCfg) else "group_size"
+        bad = {n: f for n, f in linears.items() if width > 0 and f % width}
+        if bad:
+            n, f = next(iter(bad.items()))
+            divisors = sorted({d for d in (32, 64, 128) if all(v % d == 0 for v in linears.values())})
+            hint = f"; e.g. {divisors[-1]}" if divisors and field == "group_size" else ""
+            raise PlanError(f"stages.{cname}.{field}: {what} does not divide in_features {f} of {n}{after}; use a "
+                            f"width that divides every layer's in_features {sorted(set(linears.values()))}{hint}")
+    if isinstance(cfg, PeftCfg) and "lora" in cfg.methods:
+        names = {n.rsplit(".", 1)[-1] for n in block_linears(config)}
+        missing = [t for t in cfg.lora_targets if t not in names]
+        if missing:
+            raise PlanError(f"stages.{cname}.lora_targets: {missing} not in the model; its linear layers are "
+                            f"{sorted(names)}")

@@ -121,31 +121,65 @@ class EvaluateCfg(Strict):
 
 class PruneCfg(Strict):
     kind: Literal["prune"]
-    method: Literal["magnitude", "wanda"]
+    method: Literal["magnitude", "wanda", "sparsegpt"]
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of zeros per row (unstructured)")
-    pattern: str = Field("unstructured", description="'unstructured' or 'N:M', e.g. '2:4'")
+    pattern: str = Field("unstructured", description="'unstructured', 'N:M' (e.g. '2:4'), or 'structured' (whole FFN "
+                         "channels / KV head groups removed: a smaller dense model)")
+    # sparsegpt (Frantar & Alistarh 2023): the reference code's defaults
+    blocksize: int = Field(128, ge=1, description="sparsegpt: columns pruned together before the lazy OBS update")
+    damp: float = Field(0.01, gt=0, lt=1, description="sparsegpt: dampening added to the Hessian diagonal, as a fraction "
+                        "of its mean (percdamp)")
+    # structured: the same count removed in every decoder layer, so the result is a standard smaller config
+    ffn_sparsity: float = Field(0.0, ge=0, lt=1, description="structured: fraction of FFN channels (intermediate_size) "
+                                "removed per layer, rounded so the kept count is a multiple of channel_multiple")
+    head_groups: int = Field(0, ge=0, description="structured: KV head groups removed per layer (a KV head with its "
+                             "query heads)")
+    channel_multiple: int = Field(128, ge=1, description="structured: the kept intermediate_size is a multiple of this "
+                                  "(128 keeps GPTQ groups of 64 and 128 dividing it)")
 
     @field_validator("pattern", mode="before")
     @classmethod
     def _pattern(cls, v) -> str:
         if not isinstance(v, str):
-            raise ValueError("use 'unstructured' or 'N:M' in quotes, e.g. pattern: \"2:4\"")
-        if v != "unstructured":
+            raise ValueError("use 'unstructured', 'structured' or 'N:M' in quotes, e.g. pattern: \"2:4\"")
+        if v not in ("unstructured", "structured"):
             m = re.fullmatch(r"(\d+):(\d+)", v)
             if not m or not 0 < int(m[1]) < int(m[2]):
-                raise ValueError("use 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
+                raise ValueError("use 'unstructured', 'structured' or 'N:M' with 0 < N < M, e.g. '2:4'")
         return v
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneCfg":
-        if self.pattern != "unstructured" and "sparsity" in self.model_fields_set:
-            raise ValueError(f"an N:M pattern fixes the sparsity ({self.pattern}); drop sparsity, or use pattern: unstructured")
+        given = self.model_fields_set
+        if self.pattern == "structured":
+            if self.method == "sparsegpt":
+                raise ValueError("method sparsegpt prunes unstructured or N:M; for pattern structured use method wanda "
+                                 "(activation scores) or magnitude")
+            if "sparsity" in given:
+                raise ValueError("pattern structured takes ffn_sparsity and head_groups, not sparsity; rename it ffn_sparsity")
+            if not self.ffn_sparsity and not self.head_groups:
+                raise ValueError("pattern structured removes nothing; set ffn_sparsity (e.g. 0.25) and/or head_groups (e.g. 1)")
+        else:
+            extra = sorted(given & {"ffn_sparsity", "head_groups", "channel_multiple"})
+            if extra:
+                raise ValueError(f"{', '.join(extra)} apply to pattern: structured only; drop them or set pattern: structured")
+            if self.nm and "sparsity" in given:
+                raise ValueError(f"an N:M pattern fixes the sparsity ({self.pattern}); drop sparsity, or use pattern: unstructured")
+        if self.method != "sparsegpt" and given & {"blocksize", "damp"}:
+            raise ValueError("blocksize and damp apply to method sparsegpt only; drop them or set method: sparsegpt")
+        if self.method == "sparsegpt" and self.nm and self.blocksize % self.nm[1]:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} of pattern {self.pattern} "
+                             f"(an N:M group may not straddle two blocks); use e.g. blocksize: 128")
         return self
 
     @property
     def nm(self) -> tuple[int, int] | None:
-        """(N, M) of an N:M pattern, None when unstructured."""
-        return None if self.pattern == "unstructured" else tuple(map(int, self.pattern.split(":")))  # type: ignore[return-value]
+        """(N, M) of an N:M pattern, None when unstructured or structured."""
+        return None if self.pattern in ("unstructured", "structured") else tuple(map(int, self.pattern.split(":")))  # type: ignore[return-value]
+
+    @property
+    def structured(self) -> bool:
+        return self.pattern == "structured"
 
 
 GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel 7.6's QuantizeConfig accepts these
@@ -404,8 +438,8 @@ def parse_params(raw: dict, path: Path = Path("params.yaml")) -> Params:
 
 
 def uses_calibration(cfg: StageCfg) -> bool:
-    """Stages that read the calibration corpus (Wanda scores, GPTQ Hessians)."""
-    return (cfg.kind == "prune" and cfg.method == "wanda") or (cfg.kind in ("quantize", "ptq") and cfg.method == "gptq")
+    """Stages that read the calibration corpus (Wanda scores, SparseGPT and GPTQ Hessians)."""
+    return (cfg.kind == "prune" and cfg.method in ("wanda", "sparsegpt")) or (cfg.kind in ("quantize", "ptq") and cfg.method == "gptq")
 
 
 def storage_format(cfg: "QuantMethodCfg") -> str:

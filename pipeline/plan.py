@@ -23,7 +23,8 @@ class State:
     """What the model is after a node: the ordering rules are checks on this."""
 
     quant: str | None = None          # None (fp) | a quantize method: "nf4" | "int8" | "gptq" | "rtn"
-    sparse: bool = False
+    sparse: bool = False              # zeros in dense weights (unstructured / N:M prune)
+    shrunk: bool = False              # smaller shapes (structured prune)
     lora: bool = False                # unmerged LoRA present
     modules: tuple[str, ...] = ()     # adapter / prompt modules present (kept through merges)
     adapter_act: str | None = None    # the adapter's activation; merge folds "linear" adapters into the weights
@@ -34,6 +35,8 @@ class State:
         parts = [self.quant or "fp"]
         if self.sparse:
             parts.append("sparse")
+        if self.shrunk:
+            parts.append("structured")
         peft = (("lora",) if self.lora else ()) + self.modules
         if peft:
             parts.append("+" + "+".join(peft))
@@ -54,6 +57,8 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
             raise ValueError("cannot prune under unmerged LoRA; put a merge stage before it")
         if state.quantized_before:
             flag = HARMA
+        if cfg.structured:  # a smaller dense model: its zeros, if any, come from an earlier prune
+            return replace(state, shrunk=True), flag
         return replace(state, sparse=True), flag
     if kind in ("quantize", "ptq"):
         if state.quant:

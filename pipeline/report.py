@@ -98,7 +98,7 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
     tasks = tasks_of(rows)
     head = (["node", "ordering (leaf)", "state", "loads with"] + [f"ppl {c} [95% CI]" for c in corpora] +
             ["Δ domain ppl vs parent", "Δ domain ppl vs base"] + [f"acc {t} % [95% CI]" for t in tasks] +
-            ["params", "PEFT params", "sparsity", "bits/w", "MB deploy", "MB stored",
+            ["params", "PEFT params", "sparsity", "bits/w", "MB deploy", "MB bitmask est.", "MB stored",
              "prefill tok/s", "decode tok/s", "peak MB", "stage s", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -122,7 +122,8 @@ def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
                  [fmt_diff(diff(parent, r, DOMAIN)) if parent else "", fmt_diff(diff(base, r, DOMAIN)) if parent else ""] +
                  acc +
                  [f"{r['params']['total'] / 1e6:.1f}M", f"{r['params']['peft']:,}", f"{r['params']['sparsity']:.1%}",
-                  f"{r['size']['bits_per_weight']:.2f}", _mb(r["size"]["bytes"]), _mb(r["size"]["own_bytes"]),
+                  f"{r['size']['bits_per_weight']:.2f}", _mb(r["size"]["bytes"]),
+                  _mb(r["size"]["bitmask_bytes_est"]) if r["size"].get("bitmask_bytes_est") else "—", _mb(r["size"]["own_bytes"]),
                   f"{r['latency']['prefill_tok_s']:.0f}", f"{r['latency']['decode_tok_s']:.1f}",
                   f"{r['peak_memory_mb']['stage+eval']:.0f}", f"{r['stage_seconds']:.0f}", "; ".join(notes)])
         lines.append("| " + " | ".join(cells) + " |")
@@ -360,10 +361,12 @@ def run(params: Params, root: Path = Path(".")) -> dict:
           f"Perplexity over non-overlapping windows of {ev['seq_len']} tokens (remainder dropped): {conventions}. "
           f"{zs_line}Every value has a 95% bootstrap interval over windows / items; every Δ is a paired bootstrap "
           "interval on the same windows, marked * where it excludes 0 and n.s. where it does not. "
-          "`MB deploy` = base weights + PEFT files needed to serve the node; `MB stored` = what its artifact itself holds "
+          "`MB deploy` = base weights + PEFT files needed to serve the node, as really stored (sparse checkpoints stay dense, "
+          "so zeros cost full bytes); `MB bitmask est.` = an *estimate*, for nodes with zeros in fp weights, of MB deploy "
+          "if the pruned linears were stored as nonzero values + 1 bit per weight (no such file is written); `MB stored` = what its artifact itself holds "
           "(adapter-only nodes reference their parent's weights). `loads with` = the libraries that load the node at "
-          f"its reported quality; `{artifact.HYBRID_LOADER}` = the adapter / soft-prompt code, which plain clients lack "
-          "(`python -m pipeline export NODE DIR` writes it beside the node as a standalone file).", "",
+          f"its reported quality; `{artifact.HYBRID_LOADER}` = the adapter / soft-prompt / prefix code, which plain clients "
+          "lack (`python -m pipeline export NODE DIR` writes it beside the node as a standalone file).", "",
           *[f"- {line}" for line in advice(rows, plan.leaves)], "",
           table(rows, corpora, plan.leaves), "", "![Pareto plot](pareto.png)", "",
           *ablation(rows, {n: list(params.stages[node.chain[0]].methods) for n, node in plan.nodes.items()

@@ -93,6 +93,23 @@ def size_stats(path: Path, n_params: int) -> dict:
             "own_bytes": artifact.dir_bytes(path), "bits_per_weight": round(8 * weight_bytes / n_params, 3)}
 
 
+@torch.no_grad()
+def bitmask_bytes(lm: LM, size: dict, n_params: int) -> int | None:
+    """An estimate, not a stored format: the deploy bytes if each fp decoder-block linear were stored as its nonzero
+    values plus a 1-bit-per-weight mask (what a sparse kernel would read). None where it would not save bytes (a
+    dense node) or does not apply (NF4 / GPTQ weights: their bits are not one value per weight)."""
+    from .prune import block_linears
+
+    eb = round(size["weight_bytes"] / n_params)  # bytes per value as stored (fp32 / bf16), not as computed here
+    saved = 0
+    for lin in block_linears(lm.base).values():
+        if dense_weight(lin) is not None or not lin.weight.is_floating_point() or eb < 2:
+            return None
+        w = lin.weight
+        saved += w.numel() * eb - (int((w != 0).sum()) * eb + math.ceil(w.numel() / 8))
+    return size["bytes"] - saved if saved > 0 else None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # CUDA runs asynchronously: without this a timer measures the launch, not the work
         torch.cuda.synchronize(device)
@@ -202,7 +219,7 @@ def run(path: Path, params: Params) -> dict:
                  "conventions": {k: data.convention(c) for k, c in params.data.eval.items()} |
                  {"domain_heldout": heldout_convention(params)}},
         "params": params_,
-        "size": size_stats(path, params_["total"]),
+        "size": {**(size := size_stats(path, params_["total"])), "bitmask_bytes_est": bitmask_bytes(lm, size, params_["total"])},
         "latency": latency_,
         **({"zeroshot": zeroshot} if zeroshot else {}),
         **({"seeds": {str(k): {"ppl": {c: round(math.exp(sum(v) / len(v)), 4) for c, v in n.items()},
