@@ -149,6 +149,17 @@ def check(params: Params, plan: Plan) -> None:
         if isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn"):
             _check_gptq_kernel(cname, cfg, params.model)
     base_config = model_config(params.model.source)
+    for cname in sorted({c for chain in params.orderings.values() for c in chain}):
+        cfg = params.stages[cname]
+        if isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn") and cfg.bits == 4 and cfg.group_size == -1:
+            import torch
+
+            odd = sorted({f for f in block_linears(base_config).values() if f not in (32, 64, 128, 256)})
+            on_cpu = params.model.device == "cpu" or params.model.device == "auto" and not torch.cuda.is_available()
+            if odd and on_cpu:  # measured: the checkpoint loads, its first forward raises (GPTQModel 7.6, torch 2.13)
+                raise PlanError(f"stages.{cname}.group_size: 4-bit per-channel on CPU runs through torch's int4pack "
+                                f"kernel, which takes groups of 32, 64, 128 or 256 only, and this model has in_features "
+                                f"{odd}; use group_size 64, or run on a GPU")
     checked: set[tuple[str, str]] = set()
     for oname, chain in params.orderings.items():
         config, shrunk_by = base_config, None  # a structured prune changes the shapes every later stage sees

@@ -124,10 +124,11 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float
 
     path = Path(path)
     info = json.loads((path / "export.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    quantized = info["format"] in ("nf4", "gptq")  # placed at load time by bitsandbytes / gptqmodel
+    remote = from_pretrained.pop("trust_remote_code", False)  # off unless the caller asks: it runs code from DIR
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+    quantized = info["format"] in ("nf4", "int8", "gptq")  # placed at load time by bitsandbytes / gptqmodel
     placed = {"device_map": {"": device}} if quantized else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed, **from_pretrained)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote, **placed, **from_pretrained)
     if not quantized:
         model.to(device)
     if (path / "lora").is_dir():

@@ -39,7 +39,10 @@ def test_states_follow_the_stages():
     assert plan.nodes["wanda50-nf4"].state.quant == "nf4" and plan.nodes["wanda50-nf4"].state.sparse
     merged = plan.nodes["nf4-hybrid-merge"].state
     assert merged.quant is None and not merged.lora and merged.modules == ("adapter", "prompt")
-    assert plan.subtree("hybrid") == ["hybrid", "hybrid-merge", "hybrid-merge-wanda50", "hybrid-merge-wanda50-gptq4"]
+    assert plan.subtree("hybrid") == ["hybrid", "hybrid-merge", "hybrid-merge-wanda50", "hybrid-merge-wanda50-gptq4",
+                                      "hybrid-nf4_ptq", "hybrid-merge-nf4_ptq"]
+    assert plan.nodes["hybrid-nf4_ptq"].state.quant == "nf4" and plan.nodes["hybrid-nf4_ptq"].state.lora  # unmerged
+    assert plan.nodes["hybrid_pdp50"].state.sparse and plan.nodes["struct25"].state.shrunk
 
 
 @pytest.mark.parametrize("chain, position, words", [

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_project, tiny_params
+from conftest import DATA, run_project, tiny_params
 from pipeline import artifact, checks, data
 from pipeline.config import ConfigError, QuantizeCfg, parse_params
 from pipeline.models import dense_weight, load_base
@@ -192,3 +192,17 @@ def test_asymmetric_per_channel_int4_fails_on_cpu(tiny_model, project):
     raw["stages"]["gptq4"].update(sym=True)
     params = parse_params(raw)
     checks.check(params, build_plan(params))
+
+
+def test_per_channel_int4_on_cpu_needs_int4pack_group_sizes(tmp_path, project):
+    # measured on SmolLM2-135M (in_features 576, 1536): the RTN / GPTQ 4-bit per-channel checkpoint saves and loads,
+    # then its first CPU forward raises in torch's _weight_int4pack_mm_cpu (groups of 32-256 only)
+    from pipeline.models import make_tiny_llama
+
+    odd = make_tiny_llama(tmp_path / "odd", (DATA / "tinyshakespeare" / "input.txt").read_text()[:50_000],
+                          intermediate=384)
+    raw = tiny_params(odd)
+    raw["stages"]["gptq4"].update(group_size=-1)
+    params = parse_params(raw)
+    with pytest.raises(PlanError, match=r"stages\.gptq4\.group_size: .*int4pack.*\[384\]"):
+        checks.check(params, build_plan(params))
