@@ -168,7 +168,7 @@ def advice(rows: list[dict], leaves: dict[str, str]) -> list[str]:
                f"domain ppl {by[smallest_n]['ppl'][DOMAIN]:.2f}; loads with {loads_with(by[smallest_n])}).")
     front = pareto(rows, DOMAIN)
     out.append("Pareto-optimal (bytes vs domain ppl): " + ", ".join(f"`{n}`" for n in front) + ".")
-    on_base = [r["node"] for r in rows if len(r["chain"]) == 1 and r["kind"] == "peft"]
+    on_base = [r["node"] for r in rows if len(r["chain"]) == 1 and r["kind"] == "peft" and "prune" not in r]  # not pruned while training
     if len(on_base) > 1:  # the hybrid against the single-method baselines, on the same base and data
         out.append(winner(rows, on_base, DOMAIN, "PEFT methods on the base model (domain perplexity)"))
     flagged = [r["node"] for r in rows if r.get("flags")]
@@ -370,7 +370,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
           *[f"- {line}" for line in advice(rows, plan.leaves)], "",
           table(rows, corpora, plan.leaves), "", "![Pareto plot](pareto.png)", "",
           *ablation(rows, {n: list(params.stages[node.chain[0]].methods) for n, node in plan.nodes.items()
-                           if len(node.chain) == 1 and params.stages[node.chain[0]].kind == "peft"}, corpora)]
+                           if len(node.chain) == 1 and params.stages[node.chain[0]].kind == "peft"
+                           and not params.stages[node.chain[0]].prune_during}, corpora)]  # same base, same weights
     if plot_curves(rows, out / "train_curves.png"):
         md += ["Training curves of the PEFT nodes (held-out loss on a fixed sample of the domain's held-out split):", "",
                "![Training curves](train_curves.png)", ""]
