@@ -231,8 +231,10 @@ def ablation(rows: list[dict], methods: dict[str, list[str]], corpora: list[str]
         out.append(f"- The full combination `{h['node']}` ({'+'.join(methods[h['node']])}) **{verdict}** the best single "
                    f"method `{s['node']}` on domain perplexity: {fmt_diff(d)} (paired 95% interval on seed-averaged "
                    f"windows; it trains {h['train']['trainable_params'] / max(1, s['train']['trainable_params']):.1f}x "
-                   f"the parameters; seed sd {stats.spread(_seed_ppls(h, DOMAIN))[1]:.2f} vs "
-                   f"{stats.spread(_seed_ppls(s, DOMAIN))[1]:.2f}: a gap under ~2 sd is one a new seed could close).")
+                   f"the parameters" + (f"; seed sd {stats.spread(_seed_ppls(h, DOMAIN))[1]:.2f} vs "
+                                        f"{stats.spread(_seed_ppls(s, DOMAIN))[1]:.2f}: a gap under ~2 sd is one a new "
+                                        f"seed could close" if "seeds" in h and "seeds" in s else
+                                        "; one seed each: the interval does not cover seed variation") + ").")
     best_any = ranked(on_base)[0]
     out.append(f"- Best subset by seed-mean domain perplexity: `{best_any['node']}` "
                f"({'+'.join(methods[best_any['node']])}, {_mean_sd(_seed_ppls(best_any, DOMAIN))}).")
