@@ -81,12 +81,20 @@ def loads_with(r: dict) -> str:
     return " + ".join(r["loads_with"]) if "loads_with" in r else "?"
 
 
+def _seed_ppls(r: dict, corpus: str) -> list[float]:
+    return [r["ppl"][corpus]] + [s["ppl"][corpus] for s in r.get("seeds", {}).values()]
+
+
+def _mean_sd(values: list[float], digits: int = 2) -> str:
+    mean, sd = stats.spread(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
 def _seed_note(r: dict) -> str | None:
     if "seeds" not in r:
         return None
-    values = [r["ppl"][DOMAIN]] + [s["ppl"][DOMAIN] for s in r["seeds"].values()]
-    mean, sd = stats.spread(values)
-    return f"domain ppl over {len(values)} seeds {mean:.2f} ± {sd:.2f} (sd)"
+    values = _seed_ppls(r, DOMAIN)
+    return f"domain ppl over {len(values)} seeds {_mean_sd(values)} (sd)"
 
 
 def table(rows: list[dict], corpora: list[str], leaves: dict[str, str]) -> str:
@@ -182,15 +190,6 @@ def seed_mean_nll(r: dict, corpus: str) -> list[float]:
     not letting one lucky seed decide."""
     runs = [r["nll_per_window"][corpus]] + [s["nll_per_window"][corpus] for s in r.get("seeds", {}).values()]
     return [sum(xs) / len(xs) for xs in zip(*runs)]
-
-
-def _seed_ppls(r: dict, corpus: str) -> list[float]:
-    return [r["ppl"][corpus]] + [s["ppl"][corpus] for s in r.get("seeds", {}).values()]
-
-
-def _mean_sd(values: list[float], digits: int = 2) -> str:
-    mean, sd = stats.spread(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def ablation(rows: list[dict], methods: dict[str, list[str]], corpora: list[str]) -> list[str]:
