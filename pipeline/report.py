@@ -149,7 +149,7 @@ def winner(rows: list[dict], candidates: list[str], what: str, label: str) -> st
             return z[main_metric(z)]
         return by[n]["ppl"][what]
 
-    ranked = sorted(set(candidates), key=value, reverse=higher_better)
+    ranked = sorted(dict.fromkeys(candidates), key=value, reverse=higher_better)  # not set(): its order varies by run
     best = ranked[0]
     tied = [n for n in ranked[1:] if not diff(by[best], by[n], what).significant]
     unit = (lambda n: f"{100 * value(n):.1f}%") if higher_better else (lambda n: f"{value(n):.2f}")
