@@ -33,8 +33,9 @@ from pipeline.models import LM  # noqa: E402
 from pipeline.stages.evaluate import latency  # noqa: E402
 
 # Marlin and ExLlama v2 JIT-compile a CUDA extension on first load (Marlin: > 80 s on the H200, measured 2026-11-29;
-# that run hit its time limit there); Machete downloads CUTLASS (fails offline). Triton and torch need no build.
-GPTQ_KERNELS = ("triton", "torch")
+# that run hit its time limit there), so they run only when asked (--kernels, last); Machete downloads CUTLASS
+# (fails offline). Triton and torch need no build.
+GPTQ_KERNELS = "triton,torch"
 
 
 def loop_tokens(model, prompt: torch.Tensor, n: int) -> list[int]:
@@ -109,6 +110,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--check-tokens", type=int, default=16)
+    ap.add_argument("--kernels", default=GPTQ_KERNELS,
+                    help=f"GPTQ kernels to load the 4-bit model with, in order (default {GPTQ_KERNELS}; marlin: "
+                         f"compiles its CUDA extension first, minutes)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPTQConfig
@@ -170,7 +174,7 @@ def main() -> None:
     del gq
     free()
     print(f"gptq quantize {time.perf_counter() - t0:.1f}s", flush=True)
-    for kernel in GPTQ_KERNELS if cuda else ("torch",):
+    for kernel in args.kernels.split(",") if cuda else ("torch",):
         try:
             kw = {"quantization_config": GPTQConfig(bits=4, backend=kernel)} if cuda else {}
             model = AutoModelForCausalLM.from_pretrained(tmp / "gptq", dtype=dtype, device_map={"": dev}, **kw)

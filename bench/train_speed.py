@@ -7,7 +7,7 @@ The Llama-3.2-1B SHAPE with random weights (no download): hidden 2048, intermedi
 starts from the same weights, the same LoRA init and the same batches, so their loss curves must agree.
 
     python bench/train_speed.py                       # GPU: writes bench/results/train_speed.json, prints a table
-    python bench/train_speed.py --variants plain,fused,fused_compile
+    python bench/train_speed.py --variants plain,fused,fused_compile,nf4_plain,nf4_fused   # nf4_*: QLoRA (bnb NF4 base)
     python bench/train_speed.py --tiny                # CPU check of the script itself (a tiny model, seconds)
 """
 from __future__ import annotations
@@ -35,17 +35,28 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
-    """The same random model and LoRA init for every variant (seeded construction on the target device)."""
+def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int, nf4: bool = False):
+    """The same random model and LoRA init for every variant (seeded construction on the target device). nf4: the
+    same weights saved and reloaded through transformers + bitsandbytes NF4 (the QLoRA base)."""
+    import tempfile
+
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=500000.0)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
+    if nf4:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            del model
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, quantization_config=q,
+                                                         device_map={"": str(device)})
     for p in model.parameters():
         p.requires_grad_(False)
+    torch.manual_seed(seed + 1)  # the same LoRA init whatever the base
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
     return model
@@ -64,8 +75,9 @@ def sync(device: torch.device) -> None:
 
 
 def run_variant(name: str, args, device: torch.device, dtype: torch.dtype, data: list[torch.Tensor]) -> dict:
-    model = build(args.shape, device, dtype, args.seed)
+    model = build(args.shape, device, dtype, args.seed, nf4=name.startswith("nf4_"))
     lm = LM(model, None, None, device)
+    name = name.removeprefix("nf4_")
     fused = name.startswith("fused")
     if name.endswith("compile"):
         for layer in lm.base.get_decoder().layers:
@@ -130,10 +142,16 @@ def main() -> None:
     results = {}
     for name in args.variants.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
-        results[name] = run_variant(name, args, device, dtype, data)
-    base = results.get("plain")
+        try:
+            results[name] = run_variant(name, args, device, dtype, data)
+        except Exception as exc:  # noqa: BLE001  (one variant failing, e.g. compile, must not lose the others)
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     for name, r in results.items():
-        if base and name != "plain":
+        base = results.get("nf4_plain" if name.startswith("nf4_") else "plain")  # QLoRA against plain QLoRA
+        if base and "error" not in base and "error" not in r and name not in ("plain", "nf4_plain"):
             r["speedup_vs_plain"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
             r["memory_vs_plain"] = round(r["peak_memory_gib"] / base["peak_memory_gib"], 3)
             r["max_abs_loss_diff_vs_plain"] = round(max(abs(a - b) for a, b in zip(r["losses"], base["losses"])), 5)
@@ -153,10 +171,13 @@ def main() -> None:
     print(f"{'variant':<15}{'loss':<18}{'tok/s':>10}{'x plain':>9}{'peak GiB':>10}{'x plain':>9}{'loss[0]':>9}"
           f"{'loss[-1]':>9}{'max|Δloss|':>11}")
     for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<15}ERROR {r['error'][:100]}")
+            continue
         print(f"{name:<15}{r['loss_impl']:<18}{r['tokens_per_s']:>10.0f}{r.get('speedup_vs_plain', 1.0):>9.2f}"
               f"{r['peak_memory_gib']:>10.2f}{r.get('memory_vs_plain', 1.0):>9.2f}{r['losses'][0]:>9.4f}"
               f"{r['losses'][-1]:>9.4f}{r.get('max_abs_loss_diff_vs_plain', 0.0):>11.5f}")
-    if any(not math.isfinite(x) for r in results.values() for x in r["losses"]):
+    if any(not math.isfinite(x) for r in results.values() for x in r.get("losses", [])):
         sys.exit("a loss is not finite")
 
 
