@@ -148,4 +148,13 @@ def build_plan(params: Params) -> Plan:
         leaves[oname] = node.name
     for n in nodes.values():  # every ordering passing through a node, for labels
         n.orderings = [o for o, leaf in leaves.items() if nodes[leaf].chain[: len(n.chain)] == n.chain]
-    return Plan(nodes, leaves)
+    # depth-first, children in the order the orderings name them: a printed trie shows each node under its parent
+    kids: dict[str | None, list[str]] = {}
+    for name, n in nodes.items():
+        kids.setdefault(n.parent, []).append(name)
+    order, todo = [], ["base"]
+    while todo:
+        name = todo.pop()
+        order.append(name)
+        todo += reversed(kids.get(name, []))
+    return Plan({name: nodes[name] for name in order}, leaves)

@@ -117,14 +117,25 @@ class HarnessLM(TemplateLM):
             for row, inp in enumerate(batch):
                 ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
             logits = self.lm.logits(ids)  # soft prompt in, its positions out: [batch, width, vocab]
+            # the logits that predict each continuation's tokens (the last len(cont) real positions of its row),
+            # scored for the whole batch at once: one log-softmax over those rows and one transfer back (a
+            # log-softmax and two syncs per request cost more than the forward on GPU)
+            rows, cols, targets, spans = [], [], [], []
             for row, inp in enumerate(batch):
                 for i in groups[inp]:
                     cont = conts[i]
-                    # the logits that predict the continuation's tokens: the last len(cont) real positions
-                    logp = F.log_softmax(logits[row, len(inp) - len(cont): len(inp)].float(), dim=-1)
-                    target = torch.tensor(cont, dtype=torch.long, device=logp.device)
-                    out[i] = (logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
-                bar.update(len(groups[inp]))
+                    spans.append((i, len(targets), len(targets) + len(cont)))
+                    rows += [row] * len(cont)
+                    cols += range(len(inp) - len(cont), len(inp))
+                    targets += cont
+            dev = logits.device
+            logp = F.log_softmax(logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)].float(), dim=-1)
+            target = torch.tensor(targets, dtype=torch.long, device=dev)
+            token_ll = logp.gather(-1, target[:, None])[:, 0].cpu()
+            greedy = (logp.argmax(-1) == target).cpu()
+            for i, a, b in spans:  # summed per request as HFLM sums (one tensor per continuation)
+                out[i] = (token_ll[a:b].sum().item(), bool(greedy[a:b].all()))
+            bar.update(len(spans))
         bar.close()
         return out
 

@@ -39,8 +39,13 @@ def test_states_follow_the_stages():
     assert plan.nodes["wanda50-nf4"].state.quant == "nf4" and plan.nodes["wanda50-nf4"].state.sparse
     merged = plan.nodes["nf4-hybrid-merge"].state
     assert merged.quant is None and not merged.lora and merged.modules == ("adapter", "prompt")
+    # depth-first: a subtree is contiguous and each node comes right under its parent's earlier children's subtrees
     assert plan.subtree("hybrid") == ["hybrid", "hybrid-merge", "hybrid-merge-wanda50", "hybrid-merge-wanda50-gptq4",
-                                      "hybrid-nf4_ptq", "hybrid-merge-nf4_ptq"]
+                                      "hybrid-merge-nf4_ptq", "hybrid-nf4_ptq"]
+    names = list(plan.nodes)
+    for name in names:  # so `plan` prints every node under its parent
+        sub = plan.subtree(name)
+        assert names[names.index(name): names.index(name) + len(sub)] == sub
     assert plan.nodes["hybrid-nf4_ptq"].state.quant == "nf4" and plan.nodes["hybrid-nf4_ptq"].state.lora  # unmerged
     assert plan.nodes["hybrid_pdp50"].state.sparse and plan.nodes["struct25"].state.shrunk
 

@@ -195,11 +195,14 @@ def run(path: Path, params: Params) -> dict:
     t0 = time.perf_counter()
     lm = load_lm(path, params.model)
     params_ = param_stats(lm)  # before any forward: GPTQModel's CPU kernel repacks its weights on the first one
+    parts = {"load": time.perf_counter() - t0}  # where the evaluation's seconds go (the speed issue's breakdown)
     nll, first_ids = corpus_nlls(lm, params)
+    parts["perplexity"] = time.perf_counter() - t0 - sum(parts.values())
     ppl = {k: round(math.exp(sum(v) / len(v)), 4) for k, v in nll.items()}
     ppl_ci = {k: stats.ppl_interval(v).as_list()[1:] for k, v in nll.items()}
     tokens = {k: len(v) * ev.seq_len for k, v in nll.items()}
     latency_ = latency(lm, first_ids[: ev.latency_prompt], ev.latency_new_tokens, ev.latency_repeats)
+    parts["latency"] = time.perf_counter() - t0 - sum(parts.values())
     zeroshot = {}
     if ev.zeroshot:
         from ..zeroshot import evaluate_zeroshot  # lm-eval imports take seconds: only when asked for
@@ -207,6 +210,7 @@ def run(path: Path, params: Params) -> dict:
         zeroshot = evaluate_zeroshot(lm, dict(ev.zeroshot), batch_size=ev.zeroshot_batch_size, seed=params.seed)
         for task in zeroshot.values():
             task["ci95"] = stats.mean_interval(main_items(task)).as_list()[1:]
+    parts["zeroshot"] = time.perf_counter() - t0 - sum(parts.values())
     seeds = {}
     for seed in artifact.extra_seeds(path):  # the same node trained with other seeds: same windows
         seeds[seed] = corpus_nlls(load_lm(path, params.model, seed=seed), params)[0]
@@ -225,4 +229,6 @@ def run(path: Path, params: Params) -> dict:
         **({"seeds": {str(k): {"ppl": {c: round(math.exp(sum(v) / len(v)), 4) for c, v in n.items()},
                                "nll_per_window": n} for k, n in seeds.items()}} if seeds else {}),
         "eval_seconds": round(time.perf_counter() - t0, 2),
+        "eval_parts_seconds": {**{k: round(v, 2) for k, v in parts.items()},
+                               "other": round(time.perf_counter() - t0 - sum(parts.values()), 2)},
     }
