@@ -130,8 +130,9 @@ def _check_gptq_kernel(cname: str, cfg: QuantMethodCfg, model: ModelCfg) -> None
                         f"group_size such as 64")
 
 
-def check(params: Params, plan: Plan) -> None:
-    """Raise PlanError (one line) for anything that would fail once work has started."""
+def check(params: Params, plan: Plan, for_node: str | None = None) -> None:
+    """Raise PlanError (one line) for anything that would fail once work has started. `for_node`: only its chain's
+    GPTQ kernels are looked up (importing GPTQModel takes ~12 s on 2 cores: every DVC stage process would pay it)."""
     ev = params.evaluate
     if ev.seq_len > ev.max_tokens:
         raise PlanError(f"evaluate.seq_len: {ev.seq_len} is more than evaluate.max_tokens {ev.max_tokens}, so no window "
@@ -144,7 +145,8 @@ def check(params: Params, plan: Plan) -> None:
     for name, corpus in [("calibration", params.data.calibration), ("domain", params.data.domain),
                          *((f"eval.{k}", v) for k, v in params.data.eval.items())]:
         _check_corpus(name, corpus)
-    for cname in sorted({c for chain in params.orderings.values() for c in chain}):
+    used = set(plan.nodes[for_node].chain) if for_node in plan.nodes else {c for ch in params.orderings.values() for c in ch}
+    for cname in sorted(used):
         cfg = params.stages[cname]
         if isinstance(cfg, QuantMethodCfg) and cfg.method in ("gptq", "rtn"):
             _check_gptq_kernel(cname, cfg, params.model)

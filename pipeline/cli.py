@@ -33,15 +33,16 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(path: Path):
-    """Params + plan, checked before any work; then work in the params file's directory."""
+def _load(path: Path, node: str | None = None):
+    """Params + plan, checked before any work (for `node`: what its chain needs); then work in the params file's
+    directory."""
     try:
         params = load_params(path)
         os.chdir(path.resolve().parent)
         plan = build_plan(params)
         from .checks import check
 
-        check(params, plan)
+        check(params, plan, node)
         return params, plan
     except (ConfigError, PlanError) as exc:
         _fail(str(exc))
@@ -95,7 +96,7 @@ def run(node: str = typer.Argument(..., help="node name, e.g. base or wanda24-nf
         force: bool = typer.Option(False, "--force", help="rebuild even when the node is cached")) -> None:
     """Build one node's artifact from its parent's, evaluate it, and write metrics/<node>.json.
     A cached node is left as it is; a built but unevaluated one is only evaluated."""
-    params, p = _load(params_path)
+    params, p = _load(params_path, node)
     if node not in p.nodes:
         _fail(f"no node '{node}' in {params_path}; nodes: {', '.join(p.nodes)}")
     with _guard(node):
@@ -154,7 +155,7 @@ def export(node: str = typer.Argument(..., help="a built node, e.g. nf4-hybrid-m
         check_dest(dest)
     except ExportError as exc:
         _fail(str(exc))
-    params, p = _load(params_path)
+    params, p = _load(params_path, node)
     if node not in p.nodes:
         _fail(f"no node '{node}' in {params_path}; nodes: {', '.join(p.nodes)}")
     chain = []
