@@ -1,8 +1,12 @@
-"""The whole default trie at real budgets (params-gpu.yaml) on one GPU, in one process, timed per node; then the
-comparison report, and the evaluation throughput against a plain HF forward loop at the same batch.
+"""The whole default trie at real budgets (params-gpu.yaml) on one GPU, timed per node; then the comparison report,
+and the evaluation throughput against a plain HF forward loop at the same batch.
 
-    python bench/gpu_trie.py --params params-gpu.yaml --root runs/gpu --out $OUT      # on the H200 (device tool)
-    python bench/gpu_trie.py --params params.yaml --root runs/cpu --nodes base         # a CPU dry run
+    python bench/gpu_trie.py --params params-gpu.yaml --root runs/gpu --out $OUT --procs auto   # on the H200
+    python bench/gpu_trie.py --params params.yaml --root runs/cpu --nodes base                 # a CPU dry run
+
+--procs auto cuts the trie into root-to-leaf runs (a node's deepest child continues its process, every other child
+starts one) and runs them as processes sharing the GPU: a child starts as soon as its parent's artifact is
+committed, while the parent is still being evaluated, so only stages lie on the critical path.
 
 Writes <out>/gpu_trie.json (per node: load, stage, eval seconds; the whole trie's wall time; start + imports) and
 copies the report (compare.md, compare.json, pareto.png) beside it. Prints a short table last.
@@ -12,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -71,6 +77,49 @@ def eval_throughput(params, root: Path, batch: int) -> dict:
             "ratio": round(tok_s["stage"] / tok_s["plain"], 3), "runs_s": times}
 
 
+def runs(plan) -> list[list[str]]:
+    """The trie as root-to-leaf runs, each node in one: a node's deepest child continues its run (the critical chain
+    stays in one process, with no waiting), every other child starts a run of its own."""
+    depth: dict[str, int] = {}
+    for name in reversed(list(plan.nodes)):  # depth-first order: children after parents
+        depth[name] = 1 + max((depth[c.name] for c in plan.children(name)), default=0)
+    out: list[list[str]] = []
+
+    def walk(name: str, run: list[str]) -> None:
+        run.append(name)
+        kids = sorted((c.name for c in plan.children(name)), key=lambda c: -depth[c])
+        if not kids:
+            out.append(run)
+            return
+        walk(kids[0], run)
+        for k in kids[1:]:
+            walk(k, [])
+
+    walk("base", [])
+    return out
+
+
+def spawn(args, plan) -> list[Path]:
+    """Run each run of the trie as its own process (see the module docstring); returns their output folders."""
+    parts = runs(plan)
+    threads = max(1, (os.cpu_count() or 1) // len(parts))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTQMODEL_CPU_WORKERS": str(max(2, threads))}
+    dirs, procs = [], []
+    for i, nodes in enumerate(parts):
+        d = Path(args.root) / "procs" / f"p{i:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        log = open(d / "log.txt", "w")
+        procs.append(subprocess.Popen([sys.executable, __file__, "--params", args.params, "--root", args.root,
+                                       "--out", str(d), "--wait", "--nodes", *nodes], stdout=log, stderr=log, env=env))
+        dirs.append(d)
+        print(f"p{i:02d}: {' '.join(nodes)}", flush=True)
+    failed = [(d, p.wait()) for d, p in zip(dirs, procs)]
+    for d, rc in failed:
+        if rc:
+            print(f"{d}: exit {rc}; log tail:\n{(d / 'log.txt').read_text()[-2000:]}", flush=True)
+    return dirs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Run the whole trie of a params file in one process, timed per node.")
     ap.add_argument("--params", default="params-gpu.yaml", help="params file (default: params-gpu.yaml)")
@@ -82,6 +131,8 @@ def main() -> None:
                     help="run no node: merge the per-node timings in DIR/gpu_trie.partial.json of each process, "
                          "then write the report, the throughput check and the HellaSwag anchor")
     ap.add_argument("--no-anchor", action="store_true", help="with --finish: skip the full-HellaSwag anchor of the base")
+    ap.add_argument("--procs", default=None, metavar="auto",
+                    help="auto: run the trie as one process per root-to-leaf run, sharing the GPU, then finish")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -90,12 +141,17 @@ def main() -> None:
     root = Path(args.root)
     out = Path(args.out) if args.out else root
     out.mkdir(parents=True, exist_ok=True)
+    t_spawn = time.time()
+    if args.procs:  # the children write the per-node rows; this process merges them below
+        args.finish = [str(d) for d in spawn(args, plan)]
     nodes = [] if args.finish is not None else (args.nodes or list(plan.nodes))
     rows, t_trie = {}, time.perf_counter()
-    for name in nodes:
+    for i, name in enumerate(nodes):
         parent = plan.nodes[name].parent
-        while args.wait and parent and not (root / "metrics" / f"{parent}.json").is_file():
-            time.sleep(2)  # sibling branches run as separate processes on one GPU; the parent comes from another
+        t_wait = time.perf_counter()
+        while args.wait and parent and not (root / "artifacts" / parent / "artifact.json").is_file():
+            time.sleep(0.5)  # the parent is built by another process; its artifact appears whole (atomic rename)
+        wait_s = time.perf_counter() - t_wait
         t_begin = time.time()
         models.LOAD_SECONDS[0] = 0.0
         sync()
@@ -104,8 +160,10 @@ def main() -> None:
         sync()
         wall = time.perf_counter() - t0
         load = models.LOAD_SECONDS[0]
-        rows[name] = {"wall_s": round(wall, 2), "load_s": round(load, 2), "stage_s": result["stage_seconds"],
-                      "eval_s": result["eval_seconds"], "ppl": result["ppl"],
+        rows[name] = {"wall_s": round(wall, 2), "start_imports_s": round(T_IMPORTS, 2) if i == 0 else 0.0,
+                      "wait_s": round(wait_s, 2), "load_s": round(load, 2), "stage_s": result["stage_seconds"],
+                      "eval_s": result["eval_seconds"], "eval_parts_s": result.get("eval_parts_seconds"),
+                      "ppl": result["ppl"],
                       "train_tok_s": result.get("train", {}).get("tokens_per_s"), "t_begin": t_begin,
                       "t_end": time.time()}
         print(f"{name}: {wall:.1f} s, ppl {result['ppl']}", flush=True)
@@ -115,9 +173,12 @@ def main() -> None:
         for d in args.finish:
             rows.update(json.loads((Path(d) / "gpu_trie.partial.json").read_text()))
         rows = {n: rows[n] for n in plan.nodes if n in rows}
-        whole = max(r["t_end"] for r in rows.values()) - min(r["t_begin"] for r in rows.values())
+        # first start to last end; with --procs from the moment the processes were spawned (their starts included)
+        whole = max(r["t_end"] for r in rows.values()) - (t_spawn if args.procs else min(r["t_begin"] for r in rows.values()))
     if args.nodes is None:
+        t_report = time.perf_counter()
         report.run(params, root)
+        report_s = time.perf_counter() - t_report
         for f in ("compare.md", "compare.json", "pareto.png", "train_curves.png"):
             if (root / "reports" / f).is_file():
                 shutil.copy(root / "reports" / f, out / f)
@@ -135,7 +196,7 @@ def main() -> None:
                   "seconds": round(time.perf_counter() - t0, 1)}
     result = {"params": args.params, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "start_and_imports_s": round(T_IMPORTS, 2), "whole_trie_s": round(whole, 1),
-              "nodes": rows, "eval_throughput": throughput, "hellaswag_full_base": anchor}
+              "report_s": round(report_s, 1), "procs": len(args.finish or []) or 1, "nodes": rows, "eval_throughput": throughput, "hellaswag_full_base": anchor}
     (out / "gpu_trie.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{'node':40s} {'wall':>7s} {'load':>6s} {'stage':>7s} {'eval':>6s}  ppl")
     for name, r in rows.items():

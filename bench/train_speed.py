@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.models import LM  # noqa: E402
+from pipeline.stages.peft import compile_layers  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -80,8 +81,7 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype, data:
     name = name.removeprefix("nf4_")
     fused = name.startswith("fused")
     if name.endswith("compile"):
-        for layer in lm.base.get_decoder().layers:
-            layer.compile()
+        compile_layers(lm)  # what the PEFT stage does with `compile: true` (CUDA only)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()

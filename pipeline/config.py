@@ -283,6 +283,10 @@ class PeftCfg(Strict):
         "auto", description="auto = linear + cross-entropy fused so the [tokens x vocab] logits are never materialized "
         "(liger-kernel on CUDA where installed: pip install '.[gpu]'; a chunked pure-torch loss otherwise); off = the "
         "HF model's own loss")
+    compile: bool = Field(False, description="torch.compile each decoder layer for training (CUDA only; ignored on CPU). "
+                          "Measured on the Llama-3.2-1B shape, 8 x 1024, LoRA q/v, bf16, H200: 1.49x plain peft's "
+                          "tokens/s at 0.48x its peak memory with the fused loss (1.05x / 0.64x without compile), "
+                          "after a one-off compile of tens of seconds per process: pays on long runs and big models")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed (default: the global seed); "
                                     "the first seed's parts feed the children, the report gives mean and spread")
 

@@ -149,6 +149,15 @@ def lr_factor(cfg: PeftCfg) -> Callable[[int], float]:
     return factor
 
 
+def compile_layers(lm: LM) -> None:
+    """torch.compile every decoder layer in place (CUDA only: on a CPU without a tuned compiler it costs more than it
+    saves). One compiled graph serves all layers of the same structure; LoRA and the adapter hooks are traced in."""
+    if lm.device.type != "cuda":
+        return
+    for layer in decoder_layers(lm.base):
+        layer.compile()
+
+
 @torch.no_grad()
 def heldout_loss(lm: LM, sample: data.Batch, batch_size: int, fused: bool) -> float:
     """Mean loss over every target token of the fixed held-out sample, without dropout. Only the dropout modules
@@ -174,6 +183,8 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, source: torch
     opt = torch.optim.AdamW(params_, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     fused = cfg.fused_loss == "auto"
+    if cfg.compile:
+        compile_layers(lm)
     every = cfg.curve_every if heldout is not None else 0
     lm.model.train()
     losses: list[float] = []
