@@ -1,6 +1,7 @@
 """Post-training quantization of a merged model: the methods of quantize.py, after PEFT.
 
-GPTQ calibrates on the base weights alone; adapter / prompt modules kept by the merge stay fp32 beside them.
+GPTQ calibrates with the node's PEFT parts active (LoRA under an unmerged ptq, adapter / prompt / prefix modules kept
+by a merge), which stay fp32 beside the quantized base (see quantize.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Weight quantization of an fp model: NF4 / LLM.int8 (bitsandbytes, via transformers), GPTQ and RTN (GPTQModel).
+"""Weight quantization of an fp model: NF4 / LLM.int8 (bitsandbytes, via transformers), GPTQ (our own pass or
+GPTQModel) and RTN (GPTQModel).
 
 auto-gptq, the library the card names, is abandoned: it fails to import with transformers 5 and peft >= 0.14 and
 refuses to run without CUDA. GPTQModel is its maintained successor and transformers' own GPTQ backend; it writes
@@ -8,9 +9,16 @@ RTN uses GPTQModel's own weight-only path (`QuantizeConfig(weight_only={"method"
 calibration, no Hessian, the same quantizer grid and the same GPTQ packing, so an RTN checkpoint loads exactly like a
 GPTQ one and the two differ only in how the integers were chosen (the comparison RTN is the floor for).
 
+GPTQ on a node with PEFT parts runs our own pass (pipeline/gptq.py through pipeline/hessian.py's sequential walk):
+GPTQModel materialises each decoder layer from a meta "shell" model in its layer loop, so hooks carrying LoRA,
+adapters, soft prompt or prefix never fire there and it can only calibrate on the base alone. Ours calibrates on the
+inputs the layers see with the PEFT parts active and packs through GPTQModel's packer (pipeline/gptq_format.py),
+so the checkpoint is the same standard format. On a bare base GPTQModel's pass stays: it measured better there
+(bench/results/README.md, gptq_own).
+
 Every method returns the model "right after quantization" (for GPTQ / RTN: an fp model holding the dequantized
-integers GPTQModel packed, because GPTQModel's in-process modules keep the v1 zero-point layout its kernels do not
-read); `quantize()` reloads the saved checkpoint the way the next stage will and records the logit difference, so a
+integers that were packed; for GPTQModel's, converted first, because its in-process modules keep the v1 zero-point
+layout its kernels do not read); `quantize()` reloads the saved checkpoint the way the next stage will and records the logit difference, so a
 checkpoint that does not reproduce the quantized model fails the node instead of skewing the comparison.
 ptq.py reuses `quantize()`: the same methods, placed after a merge.
 """
@@ -28,6 +36,7 @@ from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
 from ..gptq import GPTQ, Quantized
 from ..gptq_format import gptq_config
 from ..hessian import sequential
+from ..adapters import Hybrid
 from ..models import LM, dense_weight, device_of, dtype_of, load_base, load_lm, save_weights
 
 # The check is on weights: the reloaded checkpoint must dequantize to exactly the quantized weights. Logits are only
@@ -141,7 +150,19 @@ def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Mo
     return reference
 
 
-METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq_own, "rtn": gptqmodel}
+def has_peft(src: Path) -> bool:
+    """Whether the node carries PEFT parts (LoRA, adapters, soft prompt, prefix) that change what its layers see."""
+    peft = artifact.peft_dir(src)
+    return (peft / "lora").is_dir() or Hybrid.exists(peft)
+
+
+def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
+    """GPTQ: our own pass where the node carries PEFT parts, so the Hessians see the inputs its layers see in
+    deployment; GPTQModel's on a bare base, where it measured better (bench/results/README.md, gptq_own)."""
+    return (gptq_own if has_peft(src) else gptqmodel)(src, cfg, out, params)
+
+
+METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptqmodel}
 
 
 def probe_ids(tokenizer, params: Params) -> torch.Tensor:
@@ -182,9 +203,9 @@ def roundtrip_error(reference: nn.Module, out: Path, fmt: str, params: Params) -
 
 def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     """Quantize the base weights of `src` (its own, or the ones a PEFT node references). PEFT parts (LoRA under a ptq
-    stage; adapters / prompt after a merge) are copied beside the quantized base and stay fp32. GPTQ calibrates on
-    the base alone: forward hooks carrying the PEFT parts, put on the model GPTQModel loads, saw no calls during its
-    layer-by-layer pass (measured on the tiny model), so the PEFT-aware calibration the literature suggests is not done."""
+    stage; adapters / prompt / prefix after a merge) are copied beside the quantized base and stay fp32. GPTQ on such
+    a node calibrates with them active (our own pass: its Hessians are those of the inputs the layers see in
+    deployment); on a bare base it runs through GPTQModel."""
     fmt = storage_format(cfg)
     reference = METHODS[cfg.method](src, cfg, out, params)
     err = roundtrip_error(reference, out, fmt, params)
