@@ -190,16 +190,16 @@ METHOD_FIELDS = {"bits": ("gptq", "rtn"), "group_size": ("gptq", "rtn"), "sym": 
 
 class QuantMethodCfg(Strict):
     method: Literal["nf4", "gptq", "rtn", "int8"] = Field(
-        description="nf4 (bitsandbytes 4-bit NormalFloat), gptq (calibrated: our own pass with the node's PEFT parts active, "
-        "GPTQModel on a bare base), rtn (round-to-nearest, no "
+        description="nf4 (bitsandbytes 4-bit NormalFloat), gptq (calibrated: under unmerged PEFT our own pass with the "
+        "PEFT parts active, else GPTQModel), rtn (round-to-nearest, no "
         "calibration, same GPTQ checkpoint format), int8 (bitsandbytes LLM.int8)")
     bits: Literal[2, 3, 4, 8] = Field(4, description="gptq / rtn: bits per weight")
     group_size: int = Field(64, description="gptq / rtn: weights sharing one scale + zero along in_features; -1 = one "
                             "per output channel. Must divide every in_features (SmolLM2: 64, not 128)")
     sym: bool = Field(True, description="gptq / rtn: symmetric grid (zero point fixed at the middle); false = asymmetric")
     desc_act: bool = Field(False, description="gptq: quantize columns in order of decreasing activation (act-order); "
-                           "false: GPTQModel (bare base) keeps its default group-aware reordering (act_group_aware), "
-                           "our own pass (PEFT nodes) walks the columns in order")
+                           "false: GPTQModel keeps its default group-aware reordering (act_group_aware), our own "
+                           "pass (under unmerged PEFT) walks the columns in order")
     damp_percent: float = Field(0.05, gt=0, lt=1, description="gptq: Hessian dampening as a fraction of its mean "
                                 "diagonal; GPTQModel's default 0.05, the GPTQ paper / llm-compressor 0.01")
     double_quant: bool = Field(True, description="NF4: quantize the quantization constants too")

@@ -89,13 +89,13 @@ def hidden_of(out) -> torch.Tensor:
 
 
 def run_layer(lm: LM, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
-    """One decoder layer on captured inputs. A prefix cache is grown in place by every call: crop it back to the
-    prefix so the next call (the next pass, or the next layer) sees only the prefix keys, as in deployment."""
-    out = hidden_of(layer(hidden, **kw))
-    for key in {cache_kwarg(type(lm.base)), "past_key_values"}:  # layers take the model's name for it, or the old one
-        if kw.get(key) is not None:
-            kw[key].crop(lm.n_prefix)
-    return out
+    """One decoder layer on captured inputs. A prefix cache is grown in place by every call, so each call gets a
+    fresh one holding only the prefix, as in deployment (cropping has no API common to the transformers we admit)."""
+    if lm.n_prefix:
+        kw = {k: (lm.hybrid.prefix.cache(hidden.shape[0], lm.base.config, hidden.dtype)
+                  if k in (cache_kwarg(type(lm.base)), "past_key_values") and v is not None else v)
+              for k, v in kw.items()}
+    return hidden_of(layer(hidden, **kw))
 
 
 def linears_of(layer: nn.Module) -> dict[str, nn.Linear]:

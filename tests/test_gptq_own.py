@@ -117,6 +117,7 @@ def ptq(**kw) -> PtqCfg:
     return PtqCfg(kind="ptq", method="gptq", **kw)
 
 
+@pytest.mark.integration  # ~45 s on 2 cores: a stage with its reload check, then two more passes
 def test_gptq_stage_over_unmerged_peft_reloads_and_calibrates_with_peft(hybrid_node, tmp_path):
     params, base, hybrid = hybrid_node
     cfg = ptq(group_size=64)
@@ -135,7 +136,8 @@ def test_gptq_stage_over_unmerged_peft_reloads_and_calibrates_with_peft(hybrid_n
 
 
 @pytest.mark.parametrize("setting", [dict(bits=4, group_size=64, desc_act=True), dict(bits=4, group_size=64, sym=False),
-                                     dict(bits=3, group_size=-1, sym=False, desc_act=True)],
+                                     pytest.param(dict(bits=3, group_size=-1, sym=False, desc_act=True),
+                                                  marks=pytest.mark.integration)],  # ~20 s: int3 packing
                          ids=["act-order", "asym", "3bit-asym-act-order-per-channel"])
 def test_act_order_and_asym_round_trip(hybrid_node, tmp_path, setting):
     params, _, hybrid = hybrid_node

@@ -1,7 +1,7 @@
 """Post-training quantization of a merged model: the methods of quantize.py, after PEFT.
 
-GPTQ calibrates with the node's PEFT parts active (LoRA under an unmerged ptq, adapter / prompt / prefix modules kept
-by a merge), which stay fp32 beside the quantized base (see quantize.py).
+GPTQ under unmerged LoRA calibrates with every PEFT part active (our own pass); after a merge it runs through
+GPTQModel on the base weights alone (see quantize.py). Adapter / prompt / prefix modules stay fp32 beside the base.
 """
 from __future__ import annotations
 

@@ -9,12 +9,13 @@ RTN uses GPTQModel's own weight-only path (`QuantizeConfig(weight_only={"method"
 calibration, no Hessian, the same quantizer grid and the same GPTQ packing, so an RTN checkpoint loads exactly like a
 GPTQ one and the two differ only in how the integers were chosen (the comparison RTN is the floor for).
 
-GPTQ on a node with PEFT parts runs our own pass (pipeline/gptq.py through pipeline/hessian.py's sequential walk):
+GPTQ under unmerged PEFT (a ptq stage straight after peft) runs our own pass (pipeline/gptq.py through pipeline/hessian.py's sequential walk):
 GPTQModel materialises each decoder layer from a meta "shell" model in its layer loop, so hooks carrying LoRA,
 adapters, soft prompt or prefix never fire there and it can only calibrate on the base alone. Ours calibrates on the
 inputs the layers see with the PEFT parts active and packs through GPTQModel's packer (pipeline/gptq_format.py),
-so the checkpoint is the same standard format. On a bare base GPTQModel's pass stays: it measured better there
-(bench/results/README.md, gptq_own).
+so the checkpoint is the same standard format. Elsewhere GPTQModel's pass stays: on a bare base and after a merge it
+measured better than ours (bench/results/README.md, gptq_own; ours lacks its group-aware reordering and true-
+sequential order).
 
 Every method returns the model "right after quantization" (for GPTQ / RTN: an fp model holding the dequantized
 integers that were packed; for GPTQModel's, converted first, because its in-process modules keep the v1 zero-point
@@ -36,7 +37,6 @@ from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
 from ..gptq import GPTQ, Quantized
 from ..gptq_format import gptq_config
 from ..hessian import sequential
-from ..adapters import Hybrid
 from ..models import LM, dense_weight, device_of, dtype_of, load_base, load_lm, save_weights
 
 # The check is on weights: the reloaded checkpoint must dequantize to exactly the quantized weights. Logits are only
@@ -150,16 +150,16 @@ def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Mo
     return reference
 
 
-def has_peft(src: Path) -> bool:
-    """Whether the node carries PEFT parts (LoRA, adapters, soft prompt, prefix) that change what its layers see."""
-    peft = artifact.peft_dir(src)
-    return (peft / "lora").is_dir() or Hybrid.exists(peft)
+def unmerged_peft(src: Path) -> bool:
+    """Whether the node's LoRA is unmerged (a ptq straight after peft): the base is quantized under PEFT parts."""
+    return (artifact.peft_dir(src) / "lora").is_dir()
 
 
 def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
-    """GPTQ: our own pass where the node carries PEFT parts, so the Hessians see the inputs its layers see in
-    deployment; GPTQModel's on a bare base, where it measured better (bench/results/README.md, gptq_own)."""
-    return (gptq_own if has_peft(src) else gptqmodel)(src, cfg, out, params)
+    """GPTQ: our own pass under unmerged PEFT, so the Hessians see the inputs the layers see in deployment (LoRA,
+    adapters, prompt, prefix all active); GPTQModel's everywhere else (a bare base, or after a merge), where it
+    measured better than ours on SmolLM2-135M (bench/results/README.md, gptq_own)."""
+    return (gptq_own if unmerged_peft(src) else gptqmodel)(src, cfg, out, params)
 
 
 METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptqmodel}
@@ -203,9 +203,9 @@ def roundtrip_error(reference: nn.Module, out: Path, fmt: str, params: Params) -
 
 def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     """Quantize the base weights of `src` (its own, or the ones a PEFT node references). PEFT parts (LoRA under a ptq
-    stage; adapters / prompt / prefix after a merge) are copied beside the quantized base and stay fp32. GPTQ on such
-    a node calibrates with them active (our own pass: its Hessians are those of the inputs the layers see in
-    deployment); on a bare base it runs through GPTQModel."""
+    stage; adapters / prompt / prefix after a merge) are copied beside the quantized base and stay fp32. GPTQ under
+    unmerged LoRA calibrates with every PEFT part active (our own pass: its Hessians are those of the inputs the
+    layers see in deployment); elsewhere it runs through GPTQModel, which calibrates the base alone."""
     fmt = storage_format(cfg)
     reference = METHODS[cfg.method](src, cfg, out, params)
     err = roundtrip_error(reference, out, fmt, params)
