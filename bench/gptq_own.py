@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import tempfile
@@ -30,6 +31,13 @@ from pipeline.stages import quantize as q
 from pipeline.stages.evaluate import window_nlls
 
 OUT = Path(__file__).parent / "results" / "gptq_own_cpu.json"
+# name -> (stage method, source node). own-*: our pass with one of GPTQModel's walk defaults off (which one mattered)
+RUNS = {"gptqmodel:base": (q.gptqmodel, "base"), "own:base": (q.gptq_own, "base"),
+        "own-no-gar:base": (functools.partial(q.gptq_own, group_aware=False), "base"),
+        "own-no-true-sequential:base": (functools.partial(q.gptq_own, true_sequential=False), "base"),
+        "own-neither:base": (functools.partial(q.gptq_own, group_aware=False, true_sequential=False), "base"),
+        "gptqmodel:hybrid-merge": (q.gptqmodel, "hybrid-merge"), "own:hybrid-merge": (q.gptq_own, "hybrid-merge"),
+        "own:hybrid": (q.gptq_own, "hybrid")}
 
 
 def ppl(model: torch.nn.Module, tok, peft: Path | None, texts: dict[str, str], params, max_tokens: int) -> dict:
@@ -58,6 +66,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--max-tokens", type=int, default=None, help="per corpus; default params.evaluate.max_tokens")
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--keep", action="store_true", help="keep the runs already in --out (those not rerun)")
     args = ap.parse_args()
     params = load_params("params.yaml")
     cfg = params.stages["gptq4"]
@@ -67,7 +78,7 @@ def main() -> None:
     result = {"model": params.model.source, "config": cfg.model_dump(), "device": str(device_of(params.model)),
               "threads": torch.get_num_threads(), "calibration": params.data.calibration.model_dump(),
               "eval": {"seq_len": params.evaluate.seq_len, "max_tokens": max_tokens, "corpora": list(texts)},
-              "runs": {}}
+              "runs": json.loads(args.out.read_text())["runs"] if args.keep and args.out.exists() else {}}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src["base"])
@@ -75,18 +86,16 @@ def main() -> None:
     for n, path in src.items():  # unquantized, for scale (hybrid-merge holds its own, LoRA-folded weights)
         fp = AutoModelForCausalLM.from_pretrained(artifact.weights_dir(path), dtype=torch.float32).eval()
         result["fp"][n] = ppl(fp, tok, artifact.peft_dir(path) if n != "base" else None, texts, params, max_tokens)
-    runs = [("gptqmodel", "base"), ("own", "base"), ("gptqmodel", "hybrid-merge"), ("own", "hybrid-merge"),
-            ("own", "hybrid")]
-    for method, node in runs:
-        fn = q.gptqmodel if method == "gptqmodel" else q.gptq_own
-        reference, seconds, err = quantized(fn, src[node], cfg, params, check=method == "own")
+    for run in args.runs:
+        fn, node = RUNS[run]
+        reference, seconds, err = quantized(fn, src[node], cfg, params, check=not run.startswith("gptqmodel"))
         evals = {node: ppl(reference, tok, artifact.peft_dir(src[node]) if node != "base" else None, texts, params,
                            max_tokens)}
         if node == "base":  # the base quantized alone, deployed under the hybrid's unmerged PEFT parts
             evals["hybrid"] = ppl(reference, tok, artifact.peft_dir(src["hybrid"]), texts, params, max_tokens)
-        result["runs"][f"{method}:{node}"] = {"seconds": seconds, "roundtrip": err, "eval": evals}
-        print(method, node, seconds, {k: {c: v[c]["ppl"] for c in v} for k, v in evals.items()}, flush=True)
-        OUT.write_text(json.dumps(result, indent=1) + "\n")
+        result["runs"][run] = {"seconds": seconds, "roundtrip": err, "eval": evals}
+        print(run, seconds, {k: {c: v[c]["ppl"] for c in v} for k, v in evals.items()}, flush=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from .gptq import Quantized
 PRODUCER = "compress-pipeline:gptq"  # meta.quantizer beside the packer's: the integers are not GPTQModel's
 
 
-def gptq_config(cfg: QuantMethodCfg, own: bool = False):
+def gptq_config(cfg: QuantMethodCfg, group_aware: bool = True):
     """GPTQModel's QuantizeConfig for a gptq / rtn stage config (every knob explicit: GPTQModel's defaults move);
-    own=True: the settings of our own pass (no group-aware reordering, whatever GPTQModel's default)."""
+    group_aware=False: no group-aware reordering (an ablation of our own pass)."""
     from gptqmodel import QuantizeConfig
 
     common = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
@@ -30,7 +30,7 @@ def gptq_config(cfg: QuantMethodCfg, own: bool = False):
     if cfg.method == "rtn":
         return QuantizeConfig(**common, desc_act=False, weight_only={"method": "rtn"})
     # GPTQModel 7.6 turns its group-aware reordering (GAR) on by default; it excludes act-order and needs groups
-    gar = not own and not cfg.desc_act and cfg.group_size > 0
+    gar = group_aware and not cfg.desc_act and cfg.group_size > 0
     return QuantizeConfig(**common, desc_act=cfg.desc_act, act_group_aware=gar, damp_percent=cfg.damp_percent)
 
 
@@ -51,26 +51,27 @@ def pack(linear: nn.Linear, q: Quantized, cfg: QuantMethodCfg, name: str) -> nn.
     mod.post_init()
     if not torch.equal(mod.dequantize_weight().T.float(), q.weight.cpu()):
         raise RuntimeError(f"GPTQ packing: {name} does not unpack to the quantized weights")
-    convert_gptq_v2_to_v1_format_module(mod, gptq_config(cfg, own=True))
+    convert_gptq_v2_to_v1_format_module(mod, gptq_config(cfg))
     return mod
 
 
 def save(reference: nn.Module, quantized: dict[str, Quantized], cfg: QuantMethodCfg, tokenizer, out: Path,
-         dtype: torch.dtype) -> None:
+         dtype: torch.dtype, true_sequential: bool = True, group_aware: bool = True) -> None:
     """`reference` (an fp model holding the quantized weights) as a GPTQ checkpoint: each linear named in `quantized`
-    packed, the rest (embeddings, norms, lm_head) in `dtype`, the model's compute dtype (as GPTQModel saves)."""
+    packed, the rest (embeddings, norms, lm_head) in `dtype`, the model's compute dtype (as GPTQModel saves).
+    true_sequential / group_aware: how the pass walked (metadata only: loading needs neither)."""
     from gptqmodel import __version__
 
     model = copy.deepcopy(reference).to(device="cpu", dtype=dtype)  # before packing: .to() would cast the scales
     model.config.dtype = dtype
     for name, q in quantized.items():
         model.set_submodule(name, pack(model.get_submodule(name), q, cfg, name))
-    qcfg = gptq_config(cfg, own=True)
+    qcfg = gptq_config(cfg, group_aware)
     qcfg.meta_set_versionable("quantizer", [f"gptqmodel:{__version__}", PRODUCER])
     qcfg.meta_set("damp_percent", cfg.damp_percent)
-    qcfg.meta_set("act_group_aware", False)
+    qcfg.meta_set("act_group_aware", qcfg.act_group_aware)
     qcfg.meta_set("static_groups", False)
-    qcfg.meta_set("true_sequential", False)  # all linears of a decoder layer from one pass
+    qcfg.meta_set("true_sequential", true_sequential)
     model.config.quantization_config = qcfg.to_dict()
     model.save_pretrained(out, safe_serialization=True)
     qcfg.save_pretrained(str(out))

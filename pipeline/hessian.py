@@ -104,21 +104,55 @@ def linears_of(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
+def input_groups(lm: LM, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> list[list[str]]:
+    """The layer's base linears in the order its forward calls them, those reading one same input tensor together
+    (llama-like: [q, k, v], [o], [gate, up], [down]; GPTQModel's true-sequential subsets, found from one forward
+    instead of a per-architecture table). Linears the forward never calls make a last group."""
+    linears = linears_of(layer)
+    calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their memory from being reused meanwhile
+    handles = [m.register_forward_pre_hook(lambda _m, inp, n=n: calls.append((n, inp[0]))) for n, m in linears.items()]
+    try:
+        run_layer(lm, layer, hidden, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    prev = None
+    for name, x in calls:
+        if any(name in g for g in groups):
+            continue
+        same = prev is not None and (x.data_ptr(), x.shape, x.stride()) == (prev.data_ptr(), prev.shape, prev.stride())
+        if same:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        prev = x
+    missed = [n for n in linears if not any(n in g for g in groups)]
+    return groups + [missed] if missed else groups
+
+
+@torch.no_grad()
 def sequential(lm: LM, calib: list[torch.Tensor], make: Callable[[nn.Linear], Hessian],
-               solve: Callable[[str, Hessian], None], desc: str) -> None:
-    """Per decoder layer: one pass over the calibration inputs fills a Hessian per base linear (`make`), `solve`
+               solve: Callable[[str, Hessian], None], desc: str, true_sequential: bool = False) -> None:
+    """Per decoder layer: a pass over the calibration inputs fills a Hessian per base linear (`make`), `solve`
     compresses each in place (name = `<layer index>.<path in the layer>`), then the inputs go through the compressed
-    layer to become the next layer's. All linears of a layer come from one pass (the reference code's default)."""
+    layer to become the next layer's. By default all linears of a layer come from one pass (the reference code's
+    default); true_sequential: one pass per input group (input_groups), so o_proj's Hessian is of the outputs of the
+    already-compressed q / k / v, down_proj's of the compressed gate / up (GPTQModel's default)."""
     inputs = layer_inputs(lm, calib)
     for i, layer in enumerate(tqdm(decoder_layers(lm.base), desc=desc, unit="layer")):
-        solvers = {f"{i}.{n}": make(m) for n, m in linears_of(layer).items()}
-        handles = [s.layer.register_forward_hook(lambda _m, inp, _out, s=s: s.add_batch(inp[0])) for s in solvers.values()]
-        try:
-            for hidden, kw in inputs:
-                run_layer(lm, layer, hidden, kw)
-        finally:
-            for h in handles:
-                h.remove()
-        for name, solver in solvers.items():
-            solve(name, solver)
+        linears = linears_of(layer)
+        groups = input_groups(lm, layer, *inputs[0]) if true_sequential else [list(linears)]
+        for group in groups:
+            solvers = {f"{i}.{n}": make(linears[n]) for n in group}
+            handles = [s.layer.register_forward_hook(lambda _m, inp, _out, s=s: s.add_batch(inp[0]))
+                       for s in solvers.values()]
+            try:
+                for hidden, kw in inputs:
+                    run_layer(lm, layer, hidden, kw)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, solver in solvers.items():
+                solve(name, solver)
         inputs = [(run_layer(lm, layer, hidden, kw), kw) for hidden, kw in inputs]  # through the compressed layer

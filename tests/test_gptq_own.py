@@ -1,6 +1,8 @@
-"""Our GPTQ pass: the solver beats RTN and stays on its grids; the sequential walk's Hessians are those of the inputs
-the layers see with LoRA, adapters, soft prompt and prefix active; a gptq stage over an unmerged PEFT node, and
-act-order / asymmetric settings, write checkpoints that load back to exactly the quantized weights."""
+"""Our GPTQ pass: the solver beats RTN, stays on its grids and walks as GPTQModel's does (group-aware reordering,
+act-order: the same choices up to float16 scale rounding); true-sequential finds the llama input groups; the
+sequential walk's Hessians are those of the inputs the layers see with LoRA, adapters, soft prompt and prefix active;
+`calibration` picks the pass; a gptq stage over an unmerged PEFT node, and act-order / asymmetric settings, write
+checkpoints that load back to exactly the quantized weights."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,9 @@ from torch import nn
 from conftest import run_project, tiny_params
 from pipeline import artifact, data
 from pipeline.config import ModelCfg, PeftCfg, PtqCfg
-from pipeline.gptq import GPTQ, grid, quantize
-from pipeline.hessian import Hessian, linears_of, sequential
+from pipeline.gptq import GPTQ, grid, quantize, walk_order
+from pipeline.gptq_format import gptq_config
+from pipeline.hessian import Hessian, input_groups, layer_inputs, linears_of, sequential
 from pipeline.models import LM, load_base, load_lm
 from pipeline.runner import artifact_path
 from pipeline.stages import quantize as q
@@ -70,6 +73,44 @@ def test_gptq_beats_rtn_and_stays_on_its_grids(bits, group, sym, act):
         assert act == (not torch.equal(gi, gi.sort().values))
 
 
+def test_group_aware_order_walks_whole_groups_salient_first():
+    diag = torch.rand(256, generator=torch.Generator().manual_seed(0))
+    perm, group = walk_order(diag, 64, desc_act=False, group_aware=True)
+    walked = perm.view(4, 64)
+    assert torch.equal(group, perm // 64) and (group.view(4, 64) == group.view(4, 64)[:, :1]).all()  # whole groups
+    tops = diag[walked].max(1).values
+    assert torch.equal(tops, tops.sort(descending=True).values) and tops[0] == diag.max()  # salient group first
+    assert (diag[walked].diff(dim=1) <= 0).all()  # each group by decreasing diag(H)
+    assert torch.equal(walk_order(diag, 64, False, False)[0], torch.arange(256))
+
+
+@pytest.mark.parametrize("desc_act", [False, True], ids=["group-aware", "act-order"])
+def test_solver_matches_gptqmodel(desc_act):
+    """GPTQModel 7.6's GPTQ on the same inputs: the same groups and nearly the same integers (ours rounds each scale
+    to float16 as the checkpoint stores it, so a few roundings tip the other way), the same output error."""
+    from gptqmodel.quantization.gptq import GPTQ as Reference
+
+    cfg = ptq(group_size=32, desc_act=desc_act)
+    torch.manual_seed(0)
+    ours_lin = nn.Linear(128, 96, bias=False)
+    ref_lin = nn.Linear(128, 96, bias=False)
+    ref_lin.weight.data.copy_(ours_lin.weight)
+    w = ours_lin.weight.detach().clone()
+    x = correlated(2048, 128)
+    ours, ref = GPTQ(ours_lin), Reference(ref_lin, gptq_config(cfg))
+    ref.quantizer.configure(perchannel=True)
+    ref.fallback = None
+    for chunk in x.split(512):
+        ours.add_batch(chunk)
+        ref.add_batch(chunk, None)
+    q_ref, scales, _, g_idx, *_ = ref.quantize()
+    res = ours.quantize(4, 32, True, desc_act, percdamp=cfg.damp_percent)
+    assert torch.equal(res.g_idx, g_idx) and torch.allclose(res.scales, scales, rtol=1e-3)
+    assert ((res.weight - q_ref).abs() > 1e-4).float().mean() < 0.05
+    err_ours, err_ref = (x @ (w - res.weight).T).norm(), (x @ (w - q_ref).T).norm()
+    assert abs(err_ours / err_ref - 1) < 0.01, (err_ours, err_ref)
+
+
 @torch.no_grad()
 def deployed_hessians(lm: LM, calib: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per base linear, the Hessian of its inputs in an ordinary forward of the whole LM (what deployment computes)."""
@@ -84,14 +125,30 @@ def deployed_hessians(lm: LM, calib: list[torch.Tensor]) -> dict[str, torch.Tens
     return {n: h.H for n, h in hs.items()}
 
 
-def test_sequential_hessians_see_every_peft_part(tiny_model):
+@pytest.fixture
+def peft_lm(tiny_model) -> LM:
+    """The tiny base with LoRA, adapters, soft prompt and prefix, perturbed away from their identity init."""
     model, tok = load_base(tiny_model, "hf", ModelCfg(source=str(tiny_model), device="cpu"), CPU)
     lm = LM(model, tok, None, CPU)
     add_peft(lm, PeftCfg(kind="peft", methods=["lora", "adapter", "prompt", "prefix"], prefix_tokens=4), seed=0)
     perturb(lm)
+    return lm
+
+
+def test_input_groups_are_the_true_sequential_subsets(peft_lm):
+    from pipeline.adapters import decoder_layers
+
+    groups = input_groups(peft_lm, decoder_layers(peft_lm.base)[1], *layer_inputs(peft_lm, [torch.arange(8)[None]])[0])
+    plain = [[n.replace(".base_layer", "").split(".")[-1] for n in g] for g in groups]
+    assert plain == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+@pytest.mark.parametrize("true_sequential", [False, True], ids=["one-pass", "true-sequential"])
+def test_sequential_hessians_see_every_peft_part(tiny_model, peft_lm, true_sequential):
+    lm, tok = peft_lm, peft_lm.tokenizer
     calib = [torch.randint(0, len(tok), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     seen: dict[str, torch.Tensor] = {}
-    sequential(lm, calib, Hessian, lambda name, h: seen.__setitem__(name, h.H.clone()), "hessians")
+    sequential(lm, calib, Hessian, lambda name, h: seen.__setitem__(name, h.H.clone()), "hessians", true_sequential)
     expected = deployed_hessians(lm, calib)
     assert set(seen) == set(expected) and any("base_layer" in n for n in seen)  # LoRA's base layers, not lora_A / B
     for name in seen:
@@ -114,7 +171,18 @@ def hybrid_node(tmp_path_factory, tiny_model):
 
 
 def ptq(**kw) -> PtqCfg:
-    return PtqCfg(kind="ptq", method="gptq", **kw)
+    return PtqCfg(kind="ptq", method="gptq", **{"calibration": "peft", **kw})
+
+
+def test_calibration_picks_the_pass(hybrid_node, tmp_path, monkeypatch):
+    """`peft` runs ours on a node with PEFT parts; `base`, and any bare base, GPTQModel's."""
+    params, base, hybrid = hybrid_node
+    ran = []
+    monkeypatch.setattr(q, "gptq_own", lambda *a: ran.append("own"))
+    monkeypatch.setattr(q, "gptqmodel", lambda *a: ran.append("gptqmodel"))
+    for src, calibration in [(hybrid, "peft"), (hybrid, "base"), (base, "peft")]:
+        q.gptq(src, ptq(calibration=calibration), tmp_path, params)
+    assert ran == ["own", "gptqmodel", "gptqmodel"]
 
 
 @pytest.mark.integration  # ~45 s on 2 cores: a stage with its reload check, then two more passes
@@ -146,5 +214,6 @@ def test_act_order_and_asym_round_trip(hybrid_node, tmp_path, setting):
     qc = json.loads((tmp_path / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (
         setting["bits"], setting["group_size"], setting.get("sym", True), setting.get("desc_act", False))
-    assert qc["meta"]["damp_percent"] == 0.05 and qc["meta"]["act_group_aware"] is False
+    assert qc["meta"]["damp_percent"] == 0.05 and qc["meta"]["true_sequential"] is True
+    assert qc["meta"]["act_group_aware"] is (not setting.get("desc_act", False) and setting["group_size"] > 0)
     assert "compress-pipeline:gptq" in qc["meta"]["quantizer"]

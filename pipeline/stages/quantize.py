@@ -9,13 +9,12 @@ RTN uses GPTQModel's own weight-only path (`QuantizeConfig(weight_only={"method"
 calibration, no Hessian, the same quantizer grid and the same GPTQ packing, so an RTN checkpoint loads exactly like a
 GPTQ one and the two differ only in how the integers were chosen (the comparison RTN is the floor for).
 
-GPTQ under unmerged PEFT (a ptq stage straight after peft) runs our own pass (pipeline/gptq.py through pipeline/hessian.py's sequential walk):
-GPTQModel materialises each decoder layer from a meta "shell" model in its layer loop, so hooks carrying LoRA,
-adapters, soft prompt or prefix never fire there and it can only calibrate on the base alone. Ours calibrates on the
-inputs the layers see with the PEFT parts active and packs through GPTQModel's packer (pipeline/gptq_format.py),
-so the checkpoint is the same standard format. Elsewhere GPTQModel's pass stays: on a bare base and after a merge it
-measured better than ours (bench/results/README.md, gptq_own; ours lacks its group-aware reordering and true-
-sequential order).
+GPTQ on a node with PEFT parts (`calibration: peft`) runs our own pass (pipeline/gptq.py through pipeline/hessian.py's
+sequential walk): GPTQModel materialises each decoder layer from a meta "shell" model in its layer loop, so hooks
+carrying LoRA, adapters, soft prompt or prefix never fire there and it can only calibrate on the base alone. Ours
+walks as GPTQModel 7.6 does (true-sequential input groups, group-aware reordering), calibrates on the inputs the
+layers see with the PEFT parts active and packs through GPTQModel's packer (pipeline/gptq_format.py), so the
+checkpoint is the same standard format. A bare base, and `calibration: base`, take GPTQModel's pass.
 
 Every method returns the model "right after quantization" (for GPTQ / RTN: an fp model holding the dequantized
 integers that were packed; for GPTQModel's, converted first, because its in-process modules keep the v1 zero-point
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import artifact, data, gptq_format
+from ..adapters import Hybrid
 from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
 from ..gptq import GPTQ, Quantized
 from ..gptq_format import gptq_config
@@ -128,38 +128,42 @@ def gptqmodel(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.M
 
 
 @torch.no_grad()
-def gptq_pass(lm: LM, cfg: QuantMethodCfg, calib: list[torch.Tensor]) -> dict[str, Quantized]:
+def gptq_pass(lm: LM, cfg: QuantMethodCfg, calib: list[torch.Tensor], true_sequential: bool = True,
+              group_aware: bool = True) -> dict[str, Quantized]:
     """Our GPTQ over every base linear of the decoder layers, sequential as in the paper, on the LM as it is
-    deployed (LoRA, adapters, soft prompt, prefix active). Returns name (as in the plain HF model) -> result."""
+    deployed (LoRA, adapters, soft prompt, prefix active). Returns name (as in the plain HF model) -> result.
+    true_sequential / group_aware: GPTQModel's defaults (hessian.sequential, gptq.walk_order); off for ablations."""
     found: dict[nn.Module, Quantized] = {}
 
     def solve(_name: str, solver: GPTQ) -> None:
-        found[solver.layer] = solver.quantize(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, percdamp=cfg.damp_percent)
+        found[solver.layer] = solver.quantize(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act,
+                                              percdamp=cfg.damp_percent, group_aware=group_aware)
 
-    sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit")
+    sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit", true_sequential)
     return {n.replace(".base_layer", ""): found[m] for n, m in lm.base.named_modules() if m in found}
 
 
-def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
+def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params, **walk: bool) -> nn.Module:
     """GPTQ by our own pass (pipeline/gptq.py), calibrated on the inputs the layers see with the source node's PEFT
-    parts active; packed and saved in the GPTQ checkpoint format by GPTQModel's packer."""
+    parts active; packed and saved in the GPTQ checkpoint format by GPTQModel's packer. walk: gptq_pass's options."""
     lm = load_lm(src, params.model)
-    quantized = gptq_pass(lm, cfg, data.calibration(lm.tokenizer, params.data.calibration, params.seed))
+    quantized = gptq_pass(lm, cfg, data.calibration(lm.tokenizer, params.data.calibration, params.seed), **walk)
     reference = _fp_holding(artifact.weights_dir(src), {n: q.weight for n, q in quantized.items()}, params)
-    gptq_format.save(reference, quantized, cfg, lm.tokenizer, out, dtype_of(params.model, device_of(params.model)))
+    gptq_format.save(reference, quantized, cfg, lm.tokenizer, out, dtype_of(params.model, device_of(params.model)), **walk)
     return reference
 
 
-def unmerged_peft(src: Path) -> bool:
-    """Whether the node's LoRA is unmerged (a ptq straight after peft): the base is quantized under PEFT parts."""
-    return (artifact.peft_dir(src) / "lora").is_dir()
+def has_peft(src: Path) -> bool:
+    """Whether the node carries PEFT parts beside its base weights (LoRA, adapters, prompt or prefix, unmerged)."""
+    peft = artifact.peft_dir(src)
+    return (peft / "lora").is_dir() or Hybrid.exists(peft)
 
 
 def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
-    """GPTQ: our own pass under unmerged PEFT, so the Hessians see the inputs the layers see in deployment (LoRA,
-    adapters, prompt, prefix all active); GPTQModel's everywhere else (a bare base, or after a merge), where it
-    measured better than ours on SmolLM2-135M (bench/results/README.md, gptq_own)."""
-    return (gptq_own if unmerged_peft(src) else gptqmodel)(src, cfg, out, params)
+    """GPTQ: on a node with PEFT parts, `calibration: peft` runs our own pass so the Hessians see the inputs the
+    layers see in deployment (the parts active), `base` GPTQModel's on the base alone; a bare base takes GPTQModel's,
+    which stays slightly ahead of ours there (bench/results/README.md, gptq_own)."""
+    return (gptq_own if cfg.calibration == "peft" and has_peft(src) else gptqmodel)(src, cfg, out, params)
 
 
 METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptqmodel}
@@ -203,9 +207,8 @@ def roundtrip_error(reference: nn.Module, out: Path, fmt: str, params: Params) -
 
 def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     """Quantize the base weights of `src` (its own, or the ones a PEFT node references). PEFT parts (LoRA under a ptq
-    stage; adapters / prompt / prefix after a merge) are copied beside the quantized base and stay fp32. GPTQ under
-    unmerged LoRA calibrates with every PEFT part active (our own pass: its Hessians are those of the inputs the
-    layers see in deployment); elsewhere it runs through GPTQModel, which calibrates the base alone."""
+    stage; adapters / prompt / prefix after a merge) are copied beside the quantized base and stay fp32. GPTQ's
+    calibration on such a node follows cfg.calibration (see gptq())."""
     fmt = storage_format(cfg)
     reference = METHODS[cfg.method](src, cfg, out, params)
     err = roundtrip_error(reference, out, fmt, params)
