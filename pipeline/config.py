@@ -201,7 +201,7 @@ class QuantMethodCfg(Strict):
     damp_percent: float = Field(0.05, gt=0, lt=1, description="gptq: Hessian dampening as a fraction of its mean "
                                 "diagonal; GPTQModel's default 0.05, the GPTQ paper / llm-compressor 0.01")
     calibration: Literal["base", "peft"] = Field(
-        "CALDEFAULT", description="gptq on a source with PEFT parts (LoRA, adapters, prompt, prefix, unmerged): peft = "
+        "base", description="gptq on a source with PEFT parts (LoRA, adapters, prompt, prefix, unmerged): peft = "
         "our own pass, its Hessians from the inputs the layers see with those parts active; base = GPTQModel's pass on "
         "the base weights alone (it cannot run them). A bare base always takes GPTQModel's (bench/results/README.md, "
         "gptq_own)")
