@@ -1,6 +1,6 @@
 """Our GPTQ pass vs GPTQModel 7.6 on the default model (SmolLM2-135M), CPU, at params.yaml's gptq4 settings.
 
-    PYTHONPATH=. python bench/gptq_own.py --artifacts ../main/artifacts [--max-tokens 2048]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/gptq_own.py --artifacts ../main/artifacts [--runs ...] [--keep]
 
 Sources: the built `base`, `hybrid` (unmerged LoRA + adapters + soft prompt) and `hybrid-merge` artifacts (read only).
 Each quantization runs the stage method as a node would (its seconds: load, calibrate, quantize, pack, save); the
@@ -9,6 +9,8 @@ for our checkpoints), with the node's PEFT parts attached, on the pipeline's eva
   1. GPTQModel vs ours on base and on hybrid-merge (its adapters + prompt active while ours calibrates).
   2. [hybrid, gptq4]: the base quantized under the hybrid's unmerged PEFT parts, calibrated with them active (ours on
      `hybrid`) vs on the base alone (ours and GPTQModel on `base`), all evaluated with the PEFT parts on.
+  3. Ablations on base: ours with group-aware reordering and / or true-sequential off (which of GPTQModel's walk
+     defaults matters).
 Writes bench/results/gptq_own_cpu.json.
 """
 from __future__ import annotations

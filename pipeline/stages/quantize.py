@@ -161,8 +161,9 @@ def has_peft(src: Path) -> bool:
 
 def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
     """GPTQ: on a node with PEFT parts, `calibration: peft` runs our own pass so the Hessians see the inputs the
-    layers see in deployment (the parts active), `base` GPTQModel's on the base alone; a bare base takes GPTQModel's,
-    which stays slightly ahead of ours there (bench/results/README.md, gptq_own)."""
+    layers see in deployment (the parts active), `base` GPTQModel's on the base alone; a bare base takes GPTQModel's
+    (ours walks as it does and measures on par within noise, but not better, and slower: bench/results/README.md,
+    gptq_own)."""
     return (gptq_own if cfg.calibration == "peft" and has_peft(src) else gptqmodel)(src, cfg, out, params)
 
 
