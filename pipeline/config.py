@@ -185,21 +185,26 @@ class PruneCfg(Strict):
 GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel 7.6's QuantizeConfig accepts these
 # fields that only some methods read: setting one for another method is a mistake worth a one-line error
 METHOD_FIELDS = {"bits": ("gptq", "rtn"), "group_size": ("gptq", "rtn"), "sym": ("gptq", "rtn"),
-                 "desc_act": ("gptq",), "damp_percent": ("gptq",), "double_quant": ("nf4",)}
+                 "desc_act": ("gptq",), "damp_percent": ("gptq",), "calibration": ("gptq",), "double_quant": ("nf4",)}
 
 
 class QuantMethodCfg(Strict):
     method: Literal["nf4", "gptq", "rtn", "int8"] = Field(
-        description="nf4 (bitsandbytes 4-bit NormalFloat), gptq (GPTQModel, calibrated), rtn (round-to-nearest, no "
-        "calibration, same GPTQ checkpoint format), int8 (bitsandbytes LLM.int8)")
+        description="nf4 (bitsandbytes 4-bit NormalFloat), gptq (calibrated; see `calibration`), rtn (round-to-nearest, "
+        "no calibration, same GPTQ checkpoint format), int8 (bitsandbytes LLM.int8)")
     bits: Literal[2, 3, 4, 8] = Field(4, description="gptq / rtn: bits per weight")
     group_size: int = Field(64, description="gptq / rtn: weights sharing one scale + zero along in_features; -1 = one "
                             "per output channel. Must divide every in_features (SmolLM2: 64, not 128)")
     sym: bool = Field(True, description="gptq / rtn: symmetric grid (zero point fixed at the middle); false = asymmetric")
     desc_act: bool = Field(False, description="gptq: quantize columns in order of decreasing activation (act-order); "
-                           "false keeps GPTQModel 7.6's default group-aware reordering (act_group_aware)")
+                           "false: group-aware reordering (GPTQModel's act_group_aware default; our pass does the same)")
     damp_percent: float = Field(0.05, gt=0, lt=1, description="gptq: Hessian dampening as a fraction of its mean "
                                 "diagonal; GPTQModel's default 0.05, the GPTQ paper / llm-compressor 0.01")
+    calibration: Literal["base", "peft"] = Field(
+        "base", description="gptq on a source with PEFT parts (LoRA, adapters, prompt, prefix, unmerged): peft = "
+        "our own pass, its Hessians from the inputs the layers see with those parts active; base = GPTQModel's pass on "
+        "the base weights alone (it cannot run them). A bare base always takes GPTQModel's (bench/results/README.md, "
+        "gptq_own)")
     double_quant: bool = Field(True, description="NF4: quantize the quantization constants too")
 
     @field_validator("group_size")

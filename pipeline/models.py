@@ -368,6 +368,13 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: 
     if dequantize_base and man["format"] in QUANTIZED_FORMATS:
         model = dequantize(model, dtype)
     peft = artifact.peft_dir(path) if seed is None else artifact.seed_dir(path, seed)
+    lm = with_peft(model, tok, peft, device)
+    LOAD_SECONDS[0] += time.perf_counter() - t0
+    return lm
+
+
+def with_peft(model: nn.Module, tok, peft: Path, device: torch.device) -> LM:
+    """`model` (a base) with the PEFT parts saved in `peft` (a `peft/` dir: LoRA, adapters, prompt, prefix), frozen."""
     if (peft / "lora").is_dir():
         from peft import PeftModel  # imported only when needed: it costs seconds per process
 
@@ -378,7 +385,6 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: 
         hybrid.attach(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    LOAD_SECONDS[0] += time.perf_counter() - t0
     return LM(model.eval(), tok, hybrid, device)
 
 

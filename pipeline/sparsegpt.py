@@ -12,47 +12,23 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+
+from .hessian import Hessian
 
 
-class SparseGPT:
+class SparseGPT(Hessian):
     """Prune one nn.Linear: feed it calibration inputs with add_batch(), then call prune()."""
-
-    def __init__(self, layer: nn.Linear):
-        self.layer = layer
-        self.columns = layer.in_features
-        self.H = torch.zeros(self.columns, self.columns, device=layer.weight.device, dtype=torch.float32)
-        self.nsamples = 0
-
-    def add_batch(self, inp: torch.Tensor) -> None:
-        """Running mean of 2 x x^T over every token seen (what the reference code does, batch by batch)."""
-        x = inp.detach().reshape(-1, inp.shape[-1]).float()
-        n = x.shape[0]
-        self.H *= self.nsamples / (self.nsamples + n)
-        self.nsamples += n
-        x = math.sqrt(2 / self.nsamples) * x
-        self.H += x.T @ x
 
     @torch.no_grad()
     def prune(self, sparsity: float, nm: tuple[int, int] | None = None, blocksize: int = 128,
               percdamp: float = 0.01) -> float:
         """Prune in place to `sparsity` per row (unstructured) or N:M; returns the summed OBS loss (the layer's
         reconstruction error estimate, for the log)."""
-        if self.nsamples == 0:
-            raise RuntimeError("SparseGPT: no calibration inputs reached this layer")
         W = self.layer.weight.data.clone().float()
         rows = W.shape[0]
-        H = self.H
-        self.H = None  # free it: one [in, in] matrix per layer adds up on a large model
-        dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter, prune them first
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
-        try:
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        except torch.linalg.LinAlgError:
-            raise ValueError(f"SparseGPT: the Hessian of a {rows}x{self.columns} layer is not positive definite; "
-                             f"raise damp (now {percdamp}) or the calibration samples") from None
+        H, dead = self.take("SparseGPT")
+        W[:, dead] = 0  # inputs never active: prune their weights first
+        Hinv = self.inverse_cholesky(H, percdamp, "SparseGPT")
         loss = torch.zeros(rows, device=W.device)
         for i1 in range(0, self.columns, blocksize):
             i2 = min(i1 + blocksize, self.columns)

@@ -156,6 +156,8 @@ def test_int8_loads_back_and_dequantizes(base, tmp_path):
     (dict(method="gptq", group_size=96), "gptq4.group_size"),
     (dict(method="gptq", bits=5), "gptq4.bits"),
     (dict(method="gptq", damp_percent=0), "gptq4.damp_percent"),
+    (dict(method="gptq", calibration="lora"), "gptq4.calibration"),
+    (dict(method="rtn", calibration="peft"), "calibration applies to method gptq"),
 ])
 def test_bad_setting_fails_at_param_time(tiny_model, change, field):
     raw = tiny_params(tiny_model)

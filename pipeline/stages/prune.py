@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .. import data
 from ..adapters import decoder_layers
 from ..config import Params, PruneCfg
+from ..hessian import sequential
 from ..models import LM, load_lm, save_hybrid, save_weights
 from ..sparsegpt import SparseGPT
 
@@ -62,54 +63,12 @@ def prune_mask(score: torch.Tensor, sparsity: float, pattern: str) -> torch.Tens
     return torch.ones_like(groups, dtype=torch.bool).scatter_(2, drop, False).reshape(out_f, in_f)
 
 
-class _Captured(Exception):
-    """Raised by the pre-hook on the first decoder layer once it holds that layer's inputs."""
-
-
-@torch.no_grad()
-def layer_inputs(lm: LM, calib: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, keyword args) entering the first decoder layer, per calibration sample: the model runs only
-    up to that layer (embeddings, soft prompt, rotary embeddings and mask built by the model's own code)."""
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def grab(_m, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Captured
-
-    handle = decoder_layers(lm.base)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in calib:
-            try:
-                lm.logits(ids)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _hidden(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out  # transformers 5 layers return a tensor, older ones a tuple
-
-
 @torch.no_grad()
 def sparsegpt(lm: LM, cfg: PruneCfg, calib: list[torch.Tensor]) -> None:
     """SparseGPT, sequential as in the paper: each decoder layer's Hessians come from calibration inputs that went
     through the already-pruned earlier layers; all linears of a layer are pruned from one pass (the reference code)."""
-    inputs = layer_inputs(lm, calib)
-    for layer in tqdm(decoder_layers(lm.base), desc=f"sparsegpt {cfg.pattern}", unit="layer"):
-        solvers = {n: SparseGPT(m) for n, m in layer.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n}
-        handles = [s.layer.register_forward_hook(lambda _m, inp, _out, s=s: s.add_batch(inp[0])) for s in solvers.values()]
-        try:
-            for hidden, kw in inputs:
-                layer(hidden, **kw)
-        finally:
-            for h in handles:
-                h.remove()
-        for solver in solvers.values():
-            solver.prune(cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp)
-        inputs = [(_hidden(layer(hidden, **kw)), kw) for hidden, kw in inputs]  # through the pruned layer
+    sequential(lm, calib, SparseGPT, lambda _name, s: s.prune(cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp),
+               f"sparsegpt {cfg.pattern}")
 
 
 # ---------------------------------------------------------------- structured

@@ -1,6 +1,7 @@
 """Post-training quantization of a merged model: the methods of quantize.py, after PEFT.
 
-GPTQ calibrates on the base weights alone; adapter / prompt modules kept by the merge stay fp32 beside them.
+GPTQ under unmerged LoRA calibrates with every PEFT part active (our own pass); after a merge it runs through
+GPTQModel on the base weights alone (see quantize.py). Adapter / prompt / prefix modules stay fp32 beside the base.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Weight quantization of an fp model: NF4 / LLM.int8 (bitsandbytes, via transformers), GPTQ and RTN (GPTQModel).
+"""Weight quantization of an fp model: NF4 / LLM.int8 (bitsandbytes, via transformers), GPTQ (our own pass or
+GPTQModel) and RTN (GPTQModel).
 
 auto-gptq, the library the card names, is abandoned: it fails to import with transformers 5 and peft >= 0.14 and
 refuses to run without CUDA. GPTQModel is its maintained successor and transformers' own GPTQ backend; it writes
@@ -8,9 +9,16 @@ RTN uses GPTQModel's own weight-only path (`QuantizeConfig(weight_only={"method"
 calibration, no Hessian, the same quantizer grid and the same GPTQ packing, so an RTN checkpoint loads exactly like a
 GPTQ one and the two differ only in how the integers were chosen (the comparison RTN is the floor for).
 
+GPTQ on a node with PEFT parts (`calibration: peft`) runs our own pass (pipeline/gptq.py through pipeline/hessian.py's
+sequential walk): GPTQModel materialises each decoder layer from a meta "shell" model in its layer loop, so hooks
+carrying LoRA, adapters, soft prompt or prefix never fire there and it can only calibrate on the base alone. Ours
+walks as GPTQModel 7.6 does (true-sequential input groups, group-aware reordering), calibrates on the inputs the
+layers see with the PEFT parts active and packs through GPTQModel's packer (pipeline/gptq_format.py), so the
+checkpoint is the same standard format. A bare base, and `calibration: base`, take GPTQModel's pass.
+
 Every method returns the model "right after quantization" (for GPTQ / RTN: an fp model holding the dequantized
-integers GPTQModel packed, because GPTQModel's in-process modules keep the v1 zero-point layout its kernels do not
-read); `quantize()` reloads the saved checkpoint the way the next stage will and records the logit difference, so a
+integers that were packed; for GPTQModel's, converted first, because its in-process modules keep the v1 zero-point
+layout its kernels do not read); `quantize()` reloads the saved checkpoint the way the next stage will and records the logit difference, so a
 checkpoint that does not reproduce the quantized model fails the node instead of skewing the comparison.
 ptq.py reuses `quantize()`: the same methods, placed after a merge.
 """
@@ -23,9 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import artifact, data
+from .. import artifact, data, gptq_format
+from ..adapters import Hybrid
 from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
-from ..models import dense_weight, device_of, dtype_of, load_base, save_weights
+from ..gptq import GPTQ, Quantized
+from ..gptq_format import gptq_config
+from ..hessian import sequential
+from ..models import LM, dense_weight, device_of, dtype_of, load_base, load_lm, save_weights
 
 # The check is on weights: the reloaded checkpoint must dequantize to exactly the quantized weights. Logits are only
 # recorded: the kernels a load picks compute differently from the dense reference (GPTQModel's CPU int4 kernel,
@@ -43,10 +55,11 @@ def bnb_config(cfg: QuantMethodCfg, compute_dtype: torch.dtype):
                               bnb_4bit_use_double_quant=cfg.double_quant)
 
 
-def bnb(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
+def bnb(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
     """NF4 or LLM.int8: bitsandbytes quantizes at load time; transformers serializes it to safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    weights = artifact.weights_dir(src)
     device = device_of(params.model)
     dtype = dtype_of(params.model, device)
     model = AutoModelForCausalLM.from_pretrained(weights, quantization_config=bnb_config(cfg, dtype), dtype=dtype,
@@ -56,17 +69,16 @@ def bnb(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Mod
     return model.eval()
 
 
-def gptq_config(cfg: QuantMethodCfg):
-    """GPTQModel's QuantizeConfig for a gptq / rtn stage config (every knob explicit: GPTQModel's defaults move)."""
-    from gptqmodel import QuantizeConfig
+def _fp_holding(weights: Path, dense: dict[str, torch.Tensor], params: Params) -> nn.Module:
+    """The fp32 model of `weights` with the named linears' weights replaced by `dense` (the quantized values)."""
+    from transformers import AutoModelForCausalLM
 
-    common = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-              "offload_to_disk": False}  # offloaded modules are not readable back for the reference below
-    if cfg.method == "rtn":
-        return QuantizeConfig(**common, desc_act=False, weight_only={"method": "rtn"})
-    # GPTQModel 7.6 turns its group-aware reordering (GAR) on by default; it excludes act-order and needs groups
-    return QuantizeConfig(**common, desc_act=cfg.desc_act, act_group_aware=not cfg.desc_act and cfg.group_size > 0,
-                          damp_percent=cfg.damp_percent)
+    fp = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32,
+                                              trust_remote_code=params.model.trust_remote_code)
+    with torch.no_grad():
+        for name, w in dense.items():
+            fp.get_submodule(name).weight.copy_(w)
+    return fp.eval()
 
 
 @torch.no_grad()
@@ -75,7 +87,6 @@ def _dequantized_copy(qmodel: nn.Module, weights: Path, qcfg, params: Params) ->
     which the kernels' `dequantize_weight` reads as v2, so they are converted first (the step a load does)."""
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
-    from transformers import AutoModelForCausalLM
 
     dense = {}
     for name, mod in qmodel.named_modules():
@@ -84,15 +95,13 @@ def _dequantized_copy(qmodel: nn.Module, weights: Path, qcfg, params: Params) ->
                 convert_gptq_v1_to_v2_format_module(mod, bits=qcfg.bits, pack_dtype=mod.pack_dtype)
                 mod.qzero_format(2)
             dense[name] = mod.dequantize_weight().T.float()
-    fp = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32,
-                                              trust_remote_code=params.model.trust_remote_code)
-    for name, w in dense.items():
-        fp.get_submodule(name).weight.copy_(w)
-    return fp.eval()
+    return _fp_holding(weights, dense, params)
 
 
-def gptq(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
-    """GPTQ (calibrated) or RTN (weight-only) through GPTQModel, saved in the GPTQ checkpoint format."""
+def gptqmodel(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
+    """GPTQ (calibrated on the base alone: see gptq_own) or RTN (weight-only) through GPTQModel, saved in the GPTQ
+    checkpoint format."""
+    weights = artifact.weights_dir(src)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))
     from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
@@ -118,7 +127,47 @@ def gptq(weights: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Mo
     return reference
 
 
-METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptq}
+@torch.no_grad()
+def gptq_pass(lm: LM, cfg: QuantMethodCfg, calib: list[torch.Tensor], true_sequential: bool = True,
+              group_aware: bool = True) -> dict[str, Quantized]:
+    """Our GPTQ over every base linear of the decoder layers, sequential as in the paper, on the LM as it is
+    deployed (LoRA, adapters, soft prompt, prefix active). Returns name (as in the plain HF model) -> result.
+    true_sequential / group_aware: GPTQModel's defaults (hessian.sequential, gptq.walk_order); off for ablations."""
+    found: dict[nn.Module, Quantized] = {}
+
+    def solve(_name: str, solver: GPTQ) -> None:
+        found[solver.layer] = solver.quantize(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act,
+                                              percdamp=cfg.damp_percent, group_aware=group_aware)
+
+    sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit", true_sequential)
+    return {n.replace(".base_layer", ""): found[m] for n, m in lm.base.named_modules() if m in found}
+
+
+def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params, **walk: bool) -> nn.Module:
+    """GPTQ by our own pass (pipeline/gptq.py), calibrated on the inputs the layers see with the source node's PEFT
+    parts active; packed and saved in the GPTQ checkpoint format by GPTQModel's packer. walk: gptq_pass's options."""
+    lm = load_lm(src, params.model)
+    quantized = gptq_pass(lm, cfg, data.calibration(lm.tokenizer, params.data.calibration, params.seed), **walk)
+    reference = _fp_holding(artifact.weights_dir(src), {n: q.weight for n, q in quantized.items()}, params)
+    gptq_format.save(reference, quantized, cfg, lm.tokenizer, out, dtype_of(params.model, device_of(params.model)), **walk)
+    return reference
+
+
+def has_peft(src: Path) -> bool:
+    """Whether the node carries PEFT parts beside its base weights (LoRA, adapters, prompt or prefix, unmerged)."""
+    peft = artifact.peft_dir(src)
+    return (peft / "lora").is_dir() or Hybrid.exists(peft)
+
+
+def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
+    """GPTQ: on a node with PEFT parts, `calibration: peft` runs our own pass so the Hessians see the inputs the
+    layers see in deployment (the parts active), `base` GPTQModel's on the base alone; a bare base takes GPTQModel's
+    (ours walks as it does and measures on par within noise, but not better, and slower: bench/results/README.md,
+    gptq_own)."""
+    return (gptq_own if cfg.calibration == "peft" and has_peft(src) else gptqmodel)(src, cfg, out, params)
+
+
+METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptqmodel}
 
 
 def probe_ids(tokenizer, params: Params) -> torch.Tensor:
@@ -159,11 +208,10 @@ def roundtrip_error(reference: nn.Module, out: Path, fmt: str, params: Params) -
 
 def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     """Quantize the base weights of `src` (its own, or the ones a PEFT node references). PEFT parts (LoRA under a ptq
-    stage; adapters / prompt after a merge) are copied beside the quantized base and stay fp32. GPTQ calibrates on
-    the base alone: forward hooks carrying the PEFT parts, put on the model GPTQModel loads, saw no calls during its
-    layer-by-layer pass (measured on the tiny model), so the PEFT-aware calibration the literature suggests is not done."""
+    stage; adapters / prompt / prefix after a merge) are copied beside the quantized base and stay fp32. GPTQ's
+    calibration on such a node follows cfg.calibration (see gptq())."""
     fmt = storage_format(cfg)
-    reference = METHODS[cfg.method](artifact.weights_dir(src), cfg, out, params)
+    reference = METHODS[cfg.method](src, cfg, out, params)
     err = roundtrip_error(reference, out, fmt, params)
     if not err["weights_max_abs_diff"] == 0:  # `not ==` also catches NaN
         raise RuntimeError(f"quantize {cfg.method}: the saved checkpoint's weights are up to "
