@@ -171,13 +171,21 @@ def main() -> None:
     whole = time.perf_counter() - t_trie
     if args.finish is not None:  # several processes ran the branches: the trie's wall time is first start to last end
         for d in args.finish:
-            rows.update(json.loads((Path(d) / "gpu_trie.partial.json").read_text()))
+            part = Path(d) / "gpu_trie.partial.json"
+            if part.is_file():  # a process that failed on its first node left none: its nodes are listed below
+                rows.update(json.loads(part.read_text()))
         rows = {n: rows[n] for n in plan.nodes if n in rows}
         # first start to last end; with --procs from the moment the processes were spawned (their starts included)
         whole = max(r["t_end"] for r in rows.values()) - (t_spawn if args.procs else min(r["t_begin"] for r in rows.values()))
     if args.nodes is None:
         t_report = time.perf_counter()
-        report.run(params, root)
+        missing = [n for n in plan.nodes if n not in rows and args.finish is not None]
+        if missing:
+            print(f"nodes without a result (see procs/*/log.txt): {' '.join(missing)}", flush=True)
+        try:
+            report.run(params, root)
+        except Exception as exc:  # noqa: BLE001  (the timings still get written)
+            print(f"report failed: {type(exc).__name__}: {exc}", flush=True)
         report_s = time.perf_counter() - t_report
         for f in ("compare.md", "compare.json", "pareto.png", "train_curves.png"):
             if (root / "reports" / f).is_file():
@@ -196,7 +204,7 @@ def main() -> None:
                   "seconds": round(time.perf_counter() - t0, 1)}
     result = {"params": args.params, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "start_and_imports_s": round(T_IMPORTS, 2), "whole_trie_s": round(whole, 1),
-              "report_s": round(report_s, 1), "procs": len(args.finish or []) or 1, "nodes": rows, "eval_throughput": throughput, "hellaswag_full_base": anchor}
+              "report_s": round(report_s, 1), "missing": missing, "procs": len(args.finish or []) or 1, "nodes": rows, "eval_throughput": throughput, "hellaswag_full_base": anchor}
     (out / "gpu_trie.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{'node':40s} {'wall':>7s} {'load':>6s} {'stage':>7s} {'eval':>6s}  ppl")
     for name, r in rows.items():

@@ -78,18 +78,30 @@ def skip_reason(name: str, cfg: QuantizeCfg, params, linears: dict[str, int]) ->
     return None
 
 
+def as_source(weights: Path, where: Path) -> Path:
+    """A plain HF model dir as the quantize stage's source: a folder of links to its files plus a manifest that says
+    the weights are its own (the stage reads nothing else of a parent without PEFT parts)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for f in weights.iterdir():
+        if not (where / f.name).exists():
+            (where / f.name).symlink_to(f.resolve())
+    artifact.write_json(where / artifact.MANIFEST, {"schema_version": artifact.SCHEMA_VERSION, "weights": "."})
+    return where
+
+
 def run_row(name: str, spec: dict | None, params, weights: Path, ids: torch.Tensor, args) -> dict:
     device = device_of(params.model)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
+        out = Path(tmp) / "q"
+        out.mkdir()
         row: dict = {"name": name, "params": spec}
         if spec is None:
             fmt, out = "hf", weights
         else:
             cfg = QuantizeCfg(kind="quantize", **spec)
             fmt = storage_format(cfg)
-            reference = q.METHODS[cfg.method](weights, cfg, out, params)
+            reference = q.METHODS[cfg.method](as_source(weights, Path(tmp) / "src"), cfg, out, params)
             row["quantize_s"] = round(time.perf_counter() - t0, 1)
             row["roundtrip"] = q.roundtrip_error(reference, out, fmt, params)
             del reference
