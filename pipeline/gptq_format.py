@@ -31,7 +31,8 @@ def gptq_config(cfg: QuantMethodCfg, group_aware: bool = True):
         return QuantizeConfig(**common, desc_act=False, weight_only={"method": "rtn"})
     # GPTQModel 7.6 turns its group-aware reordering (GAR) on by default; it excludes act-order and needs groups
     gar = group_aware and not cfg.desc_act and cfg.group_size > 0
-    return QuantizeConfig(**common, desc_act=cfg.desc_act, act_group_aware=gar, damp_percent=cfg.damp_percent)
+    return QuantizeConfig(**common, desc_act=cfg.desc_act, act_group_aware=gar, damp_percent=cfg.damp_percent,
+                          true_sequential=cfg.true_sequential)
 
 
 @torch.no_grad()

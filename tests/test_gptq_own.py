@@ -178,7 +178,7 @@ def test_calibration_picks_the_pass(hybrid_node, tmp_path, monkeypatch):
     """`peft` runs ours on a node with PEFT parts; `base`, and any bare base, GPTQModel's."""
     params, base, hybrid = hybrid_node
     ran = []
-    monkeypatch.setattr(q, "gptq_own", lambda *a: ran.append("own"))
+    monkeypatch.setattr(q, "gptq_own", lambda *a, **k: ran.append("own"))
     monkeypatch.setattr(q, "gptqmodel", lambda *a: ran.append("gptqmodel"))
     for src, calibration in [(hybrid, "peft"), (hybrid, "base"), (base, "peft")]:
         q.gptq(src, ptq(calibration=calibration), tmp_path, params)

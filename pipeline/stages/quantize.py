@@ -164,7 +164,9 @@ def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module
     layers see in deployment (the parts active), `base` GPTQModel's on the base alone; a bare base takes GPTQModel's
     (ours walks as it does and measures on par within noise, but not better, and slower: bench/results/README.md,
     gptq_own)."""
-    return (gptq_own if cfg.calibration == "peft" and has_peft(src) else gptqmodel)(src, cfg, out, params)
+    if cfg.calibration == "peft" and has_peft(src):
+        return gptq_own(src, cfg, out, params, true_sequential=cfg.true_sequential)
+    return gptqmodel(src, cfg, out, params)
 
 
 METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptqmodel}
