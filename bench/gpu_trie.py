@@ -1,7 +1,7 @@
 """The whole default trie at real budgets (params-gpu.yaml) on one GPU, timed per node; then the comparison report,
 and the evaluation throughput against a plain HF forward loop at the same batch.
 
-    python bench/gpu_trie.py --params params-gpu.yaml --root runs/gpu --out $OUT --procs auto   # on the H200
+    python bench/gpu_trie.py --params params-gpu.yaml --root runs/gpu --out $OUT --procs 8 --mem-fraction 0.25  # H200
     python bench/gpu_trie.py --params params.yaml --root runs/cpu --nodes base                 # a CPU dry run
 
 --procs auto cuts the trie into root-to-leaf runs (a node's deepest child continues its process, every other child
@@ -100,10 +100,17 @@ def runs(plan) -> list[list[str]]:
 
 
 def spawn(args, plan) -> list[Path]:
-    """Run each run of the trie as its own process (see the module docstring); returns their output folders."""
+    """Run the trie's runs as processes (see the module docstring): one per run (--procs auto), or dealt round-robin
+    in depth-first order to N processes (--procs N; a process runs its runs one after another, and since a run's
+    parent always lies in an earlier run, the lowest unfinished run can always proceed). Returns their folders."""
     parts = runs(plan)
+    if args.procs != "auto":
+        n = int(args.procs)
+        parts = [[node for run in parts[i::n] for node in run] for i in range(min(n, len(parts)))]
     threads = max(1, (os.cpu_count() or 1) // len(parts))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTQMODEL_CPU_WORKERS": str(max(2, threads))}
+    if args.mem_fraction:  # without MPS each process keeps its own allocator cache: cap it, or one hoards the GPU
+        env["GPU_TRIE_MEM_FRACTION"] = str(args.mem_fraction)
     dirs, procs = [], []
     for i, nodes in enumerate(parts):
         d = Path(args.root) / "procs" / f"p{i:02d}"
@@ -131,10 +138,15 @@ def main() -> None:
                     help="run no node: merge the per-node timings in DIR/gpu_trie.partial.json of each process, "
                          "then write the report, the throughput check and the HellaSwag anchor")
     ap.add_argument("--no-anchor", action="store_true", help="with --finish: skip the full-HellaSwag anchor of the base")
-    ap.add_argument("--procs", default=None, metavar="auto",
-                    help="auto: run the trie as one process per root-to-leaf run, sharing the GPU, then finish")
+    ap.add_argument("--procs", default=None, metavar="auto|N",
+                    help="auto: one process per root-to-leaf run, sharing the GPU; N: the runs dealt to N processes; "
+                         "then finish (report, throughput)")
+    ap.add_argument("--mem-fraction", type=float, default=None,
+                    help="with --procs: each process's cap on the GPU's memory (torch.cuda.set_per_process_memory_fraction)")
     args = ap.parse_args()
 
+    if os.environ.get("GPU_TRIE_MEM_FRACTION") and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(float(os.environ["GPU_TRIE_MEM_FRACTION"]))
     params = load_params(args.params)
     plan = build_plan(params)
     check(params, plan)
