@@ -105,7 +105,7 @@ def spawn(args, plan) -> list[Path]:
     parent always lies in an earlier run, the lowest unfinished run can always proceed). Returns their folders."""
     parts = runs(plan)
     if args.procs != "auto":
-        n = int(args.procs)
+        n = int(args.procs)  # checked in main()
         parts = [[node for run in parts[i::n] for node in run] for i in range(min(n, len(parts)))]
     threads = max(1, (os.cpu_count() or 1) // len(parts))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTQMODEL_CPU_WORKERS": str(max(2, threads))}
@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--mem-fraction", type=float, default=None,
                     help="with --procs: each process's cap on the GPU's memory (torch.cuda.set_per_process_memory_fraction)")
     args = ap.parse_args()
+    if args.procs and args.procs != "auto" and not (args.procs.isdigit() and int(args.procs) > 0):
+        ap.error(f"--procs: {args.procs!r} is neither auto nor a positive number of processes; e.g. --procs 8")
 
     if os.environ.get("GPU_TRIE_MEM_FRACTION") and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(float(os.environ["GPU_TRIE_MEM_FRACTION"]))
