@@ -296,6 +296,11 @@ class PeftCfg(Strict):
                           "Measured on the Llama-3.2-1B shape, 8 x 1024, LoRA q/v, bf16, H200: 1.49x plain peft's "
                           "tokens/s at 0.48x its peak memory with the fused loss (1.05x / 0.64x without compile), "
                           "after a one-off compile of tens of seconds per process: pays on long runs and big models")
+    cuda_graph: bool = Field(False, description="record one whole training step (forward, backward, clipping, AdamW) "
+                             "as a CUDA graph and replay it (CUDA only; ignored on CPU). A small model's step is "
+                             "thousands of short kernels, bound by their launches in eager mode. Needs fixed shapes "
+                             "(a token-stream domain, grad_accum 1, no prune_during): otherwise it trains eagerly and "
+                             "the node's train.cuda_graph says why. Uses the HF loss (the fused loss syncs the host)")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed (default: the global seed); "
                                     "the first seed's parts feed the children, the report gives mean and spread")
 
@@ -317,6 +322,13 @@ class PeftCfg(Strict):
         if self.prune_during and self.seeds and len(self.seeds) > 1:
             raise ValueError("prune_during makes the base weights depend on the training seed, and a node has one base; "
                              "give one seed, or drop prune_during")
+        return self
+
+    @model_validator(mode="after")
+    def _graph_or_compile(self) -> "PeftCfg":
+        if self.cuda_graph and self.compile:  # measured: recording the compiled layers fails and poisons the process
+            raise ValueError("cuda_graph and compile do not combine (recording the compiled layers fails on the GPU); "
+                             "keep one: cuda_graph for small models, compile for big ones")
         return self
 
     @model_validator(mode="after")

@@ -129,7 +129,8 @@ class LM:
         out = self.forward(embeds, attention_mask=mask, labels=labels, use_cache=False)
         if num_items is None:
             return out.loss
-        return out.loss * (int((labels[:, 1:] != IGNORE).sum()) / num_items)  # HF's mean -> sum / num_items
+        # HF's mean -> sum / num_items, on the device: no host sync, so a CUDA graph can record the step
+        return out.loss * ((labels[:, 1:] != IGNORE).sum() / num_items)
 
     def fusable(self) -> bool:
         """Whether the fused loss computes what the model's own loss does: a plain fp lm_head without bias, logit

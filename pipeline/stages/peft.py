@@ -158,6 +158,71 @@ def compile_layers(lm: LM) -> None:
         layer.compile()
 
 
+class GraphedStep:
+    """One optimizer step (forward, backward, gradient clipping, AdamW) recorded once as a CUDA graph, then replayed
+    on each new batch copied into its static input. A 135M model's eager step is mostly kernel launches. The first
+    `warmup` calls run the same step eagerly on a side stream (real training steps: lazy state such as cuBLAS
+    workspaces and the optimizer's moments must exist before recording, as PyTorch's recipe says); recording
+    executes nothing, so the next call records and then replays: every call is exactly one training step. The
+    optimizer must be capturable with a tensor lr, so that the schedule's updates reach the replays."""
+
+    def __init__(self, lm: LM, opt: torch.optim.Optimizer, params_: list[torch.nn.Parameter], num_items: int,
+                 warmup: int = 3):
+        self.lm, self.opt, self.params, self.num_items, self.warmup = lm, opt, params_, num_items, warmup
+        self.calls = 0
+        self.ids: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+
+    def _step(self) -> torch.Tensor:
+        # a host-side mask: LM.loss checks it for padding on the host, and a stream window has none
+        batch = data.Batch(self.ids, self.ids, torch.ones(1, dtype=torch.long))
+        loss = self.lm.loss(batch, num_items=self.num_items)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self, ids: torch.Tensor) -> float:
+        if self.ids is None:
+            self.ids = torch.empty(ids.shape, dtype=ids.dtype, device=self.lm.device)
+        if ids.shape != self.ids.shape:
+            raise ValueError(f"a CUDA-graph step needs fixed shapes: got {tuple(ids.shape)}, recorded {tuple(self.ids.shape)}")
+        self.ids.copy_(ids)
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss.item()
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                loss = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            return loss.item()
+        self.opt.zero_grad(set_to_none=True)  # the recorded backward then writes the gradients, never accumulates
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self._step()
+        self.graph = graph
+        graph.replay()
+        return self.loss.item()
+
+
+def graph_blocker(lm: LM, cfg: PeftCfg, source: torch.Tensor | data.Batch, on_step: Callable | None) -> str | None:
+    """Why this run cannot train through a CUDA graph (None: it can)."""
+    if lm.device.type != "cuda":
+        return "not on CUDA"
+    if isinstance(source, data.Batch):
+        return "document batches vary in width (a token-stream domain has fixed windows)"
+    if cfg.grad_accum != 1:
+        return "grad_accum > 1"
+    if on_step is not None:
+        return "prune_during changes the model between steps"
+    return None
+
+
 @torch.no_grad()
 def heldout_loss(lm: LM, sample: data.Batch, batch_size: int, fused: bool) -> float:
     """Mean loss over every target token of the fixed held-out sample, without dropout. Only the dropout modules
@@ -180,9 +245,13 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, source: torch
     loss of a fixed sample every `eval_every` steps (train.curve), optional early stop on its plateau. Timed from
     the first step (tokenization is done before); the held-out evaluations are timed apart. `on_step(step)` runs
     after each optimizer step (1-based), e.g. PruneDuring."""
-    opt = torch.optim.AdamW(params_, lr=cfg.lr, weight_decay=0.0)
+    blocker = graph_blocker(lm, cfg, source, on_step) if cfg.cuda_graph else "cuda_graph: false"
+    graphed = blocker is None
+    # a recorded step reads the lr from device memory: a tensor lr that the schedule fills in place
+    opt = torch.optim.AdamW(params_, lr=torch.tensor(cfg.lr, device=lm.device) if graphed else cfg.lr,
+                            weight_decay=0.0, capturable=graphed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
-    fused = cfg.fused_loss == "auto"
+    fused = cfg.fused_loss == "auto" and not graphed  # the fused loss selects its targets by a host-synced mask
     if cfg.compile:
         compile_layers(lm)
     every = cfg.curve_every if heldout is not None else 0
@@ -201,7 +270,7 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, source: torch
         eval_s += time.perf_counter() - t
         since = losses[len(losses) - min(every, len(losses)):] if losses else []
         curve.append({"step": step, "train_loss": round(sum(since) / len(since), 4) if since else None,
-                      "heldout_loss": round(loss, 4), "lr": sched.get_last_lr()[0]})
+                      "heldout_loss": round(loss, 4), "lr": float(sched.get_last_lr()[0])})
         if loss < best - cfg.early_stop_min_delta:
             best, bad = loss, 0
         else:
@@ -210,24 +279,30 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, source: torch
     if every:
         record(0)  # where training starts from
     micro = data.train_batches(source, cfg.seq_len, cfg.batch_size, cfg.steps * cfg.grad_accum, seed)
+    graph_step = None
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"train {'+'.join(cfg.methods)}", unit="step")
     for step in bar:
         batches = [next(micro) for _ in range(cfg.grad_accum)]
         n = sum(b.n_targets for b in batches)  # the accumulated batch's targets: each micro-batch's share
-        total = 0.0
-        for b in batches:
-            loss = lm.loss(b, num_items=n, fused=fused)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()} at step {step + 1} (diverged, or a corrupt "
-                                         f"base); lower stages.<name>.lr or rebuild the parent node")
-            loss.backward()
-            total += loss.item()
-            tokens += b.n_tokens
-        torch.nn.utils.clip_grad_norm_(params_, 1.0)
-        opt.step()
+        if graphed:
+            graph_step = graph_step or GraphedStep(lm, opt, params_, n)
+            total = graph_step(batches[0].ids)
+            tokens += batches[0].n_tokens
+        else:
+            total = 0.0
+            for b in batches:
+                loss = lm.loss(b, num_items=n, fused=fused)
+                loss.backward()
+                total += loss.item()
+                tokens += b.n_tokens
+            torch.nn.utils.clip_grad_norm_(params_, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"training loss is {total} at step {step + 1} (diverged, or a corrupt base); "
+                                     f"lower stages.<name>.lr or rebuild the parent node")
         sched.step()
-        opt.zero_grad(set_to_none=True)
         losses.append(total)
         if on_step is not None:
             on_step(len(losses))
@@ -243,7 +318,8 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, source: torch
     return {"steps": len(losses), "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "loss_first": round(sum(losses[:k]) / k, 4), "loss_last": round(sum(losses[-k:]) / k, 4),
             "trainable_params": sum(p.numel() for p in params_), "peak_memory_mb": peak_memory_mb(lm.device),
-            "loss_impl": lm.loss_impl(fused), "grad_accum": cfg.grad_accum, "warmup_steps": cfg.warmup,
+            "loss_impl": lm.loss_impl(fused),
+            "cuda_graph": "on" if graphed else f"off: {blocker}", "grad_accum": cfg.grad_accum, "warmup_steps": cfg.warmup,
             "schedule": cfg.schedule, "curve": curve, "heldout_eval_seconds": round(eval_s, 2),
             **({"stopped_early_at": stopped} if stopped else {})}
 
