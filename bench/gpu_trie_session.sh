@@ -17,5 +17,6 @@ T1=$(date +%s.%N)
 timeout 560 python3 bench/gpu_trie.py --params params-gpu.yaml --root /tmp/runs/gpu --out "$R/trie" --procs "$PROCS" \
     --mem-fraction "$FRAC" --no-anchor > "$R/trie.log" 2>&1
 T2=$(date +%s.%N)
-echo "convert_s $(echo "$T1 - $T0" | bc) trie_s $(echo "$T2 - $T1" | bc) total_s $(echo "$T2 - $T0" | bc)" > "$R/wall.txt"
+python3 -c "import sys; a, b, c = map(float, sys.argv[1:]); print(f'convert_s {b - a:.1f} trie_s {c - b:.1f} total_s {c - a:.1f}')" \
+    "$T0" "$T1" "$T2" > "$R/wall.txt"
 touch "$R/DONE"
