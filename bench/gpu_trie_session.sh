@@ -14,7 +14,7 @@ T0=$(date +%s.%N)
 python3 -c "import time, torch; t = time.perf_counter(); from pipeline.models import default_hf_dir; \
 default_hf_dir(torch.bfloat16); print(f'convert {time.perf_counter() - t:.1f} s')" > "$R/convert.log" 2>&1
 T1=$(date +%s.%N)
-timeout 560 python3 bench/gpu_trie.py --params params-gpu.yaml --root /tmp/runs/gpu --out "$R/trie" --procs "$PROCS" \
+timeout 500 python3 bench/gpu_trie.py --params params-gpu.yaml --root /tmp/runs/gpu --out "$R/trie" --procs "$PROCS" \
     --mem-fraction "$FRAC" --no-anchor > "$R/trie.log" 2>&1
 T2=$(date +%s.%N)
 python3 -c "import sys; a, b, c = map(float, sys.argv[1:]); print(f'convert_s {b - a:.1f} trie_s {c - b:.1f} total_s {c - a:.1f}')" \
