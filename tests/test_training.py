@@ -304,3 +304,51 @@ def test_the_heldout_curve_keeps_training_over_a_gptq_base(tmp_path, tiny_model)
     train = results["gptq_base-lora_fast"]["train"]
     assert [c["step"] for c in train["curve"]] == [0, 2, 4, 6]
     assert train["curve"][-1]["heldout_loss"] < train["curve"][0]["heldout_loss"]
+
+
+def test_cuda_graph_names_why_it_is_off_and_cannot_combine_with_compile(tiny_model):
+    """On CPU (and for shapes or hooks a graph cannot replay) training runs eagerly and says why; the eager run is the
+    same run as without the option."""
+    from pipeline.stages.peft import graph_blocker, train
+
+    domain = DomainCfg(files=str(DATA / "tinyshakespeare" / "input.txt"))
+    cfg = peft_cfg(steps=3, seq_len=32, batch_size=2, lr=5e-3, eval_every=0)
+    runs = {}
+    for graph in (False, True):
+        lm, trainable = tiny_lm(tiny_model, methods=("lora", "adapter"))
+        source = data.tokenize(lm.tokenizer, data.domain_split(domain)[0][:20_000])
+        runs[graph] = train(lm, trainable, cfg.model_copy(update={"cuda_graph": graph}), source, seed=0)
+    assert runs[False]["cuda_graph"] == "off: cuda_graph: false"
+    assert runs[True]["cuda_graph"] == "off: not on CUDA"
+    assert runs[True]["loss_first"] == runs[False]["loss_first"] and runs[True]["loss_last"] == runs[False]["loss_last"]
+
+    class FakeCuda:  # graph_blocker's other reasons, as if on a GPU
+        device = torch.device("cuda")
+    docs = data.Batch.of(torch.zeros(2, 8, dtype=torch.long))
+    assert "document" in graph_blocker(FakeCuda, cfg, docs, None)
+    assert "grad_accum" in graph_blocker(FakeCuda, cfg.model_copy(update={"grad_accum": 2}), source, None)
+    assert "prune_during" in graph_blocker(FakeCuda, cfg, source, lambda step: None)
+    assert graph_blocker(FakeCuda, cfg, source, None) is None
+    with pytest.raises(ValueError, match="cuda_graph and compile"):
+        peft_cfg(cuda_graph=True, compile=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/train_graph.py measured it)")
+def test_cuda_graph_step_matches_eager(tiny_model):
+    """On a GPU: the recorded-and-replayed step trains as the eager one does (same losses within float noise)."""
+    from pipeline.stages.peft import train
+
+    domain = DomainCfg(files=str(DATA / "tinyshakespeare" / "input.txt"))
+    cfg = peft_cfg(steps=12, seq_len=32, batch_size=2, lr=5e-3, eval_every=4, fused_loss="off")
+    runs = {}
+    for graph in (False, True):
+        lm, trainable = tiny_lm(tiny_model, methods=("lora", "adapter", "prompt"))
+        lm.model.cuda()
+        lm.hybrid.cuda()
+        lm.device = torch.device("cuda")
+        source = data.tokenize(lm.tokenizer, data.domain_split(domain)[0][:20_000])
+        heldout = data.heldout_sample(lm.tokenizer, domain, 32, 4)
+        runs[graph] = train(lm, trainable, cfg.model_copy(update={"cuda_graph": graph}), source, seed=0, heldout=heldout)
+    assert runs[True]["cuda_graph"] == "on"
+    for a, b in zip(runs[False]["curve"], runs[True]["curve"]):
+        assert abs(a["heldout_loss"] - b["heldout_loss"]) < 1e-3
