@@ -237,12 +237,13 @@ HYBRID_LOADER = "hybrid_loader"
 def loads_with(man: dict) -> list[str]:
     """What a user needs to load this artifact at the quality the pipeline reports for it, from its manifest:
     transformers, + bitsandbytes (NF4) or optimum + gptqmodel (GPTQ, transformers' own requirements), + peft for
-    unmerged LoRA, + the hybrid loader while adapters / a soft prompt remain as modules (not folded by a merge)."""
+    unmerged LoRA, + the hybrid loader while adapters / a soft prompt remain as modules (not folded by a merge) or
+    the embedding is stored as int8 apart from the checkpoint."""
     state = man["state"]
     libs = ["transformers"] + {"nf4": ["bitsandbytes"], "gptq": ["optimum", "gptqmodel"]}.get(man["format"], [])
     if state.get("lora"):
         libs.append("peft")
-    if state.get("modules"):
+    if state.get("modules") or state.get("int8_embedding"):
         libs.append(HYBRID_LOADER)
     return libs
 

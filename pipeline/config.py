@@ -210,6 +210,13 @@ class QuantMethodCfg(Strict):
                                   "q/k/v, down_proj on those of gate/up (GPTQModel's default); false = one pass per "
                                   "layer: ~35% faster, equal within noise on SmolLM2-135M (bench gptq_own)")
     double_quant: bool = Field(True, description="NF4: quantize the quantization constants too")
+    embeddings: Literal["keep", "int8"] = Field(
+        "keep", description="int8 = also round the input embedding (and a tied lm_head: the same tensor) to int8, one "
+        "scale per row, stored apart from the checkpoint (embed_int8.safetensors): SmolLM2-135M's embedding is 40% of "
+        "its weights, so a 4-bit node shrinks by a further ~27 MB. No client loads an int8 embedding with NF4 / GPTQ "
+        "weights (GPTQModel refuses tied embeddings; bitsandbytes converts linears only; torchao's int8 embedding does "
+        "not survive transformers' safetensors save): the export's hybrid_loader.py puts it in. Measured cost "
+        "(bench/embed8.py): none beyond noise on 4 nodes")
 
     @field_validator("group_size")
     @classmethod

@@ -6,8 +6,9 @@ DIR/
                                                 only references its parent's weights
   lora/                                         LoRA as a peft adapter dir (PeftModel.from_pretrained)
   hybrid/hybrid.json, hybrid/hybrid.safetensors bottleneck adapters and / or soft prompt, when not folded by a merge
-  hybrid_loader.py                              with hybrid/: a standalone loader (torch + transformers, no import
-                                                of this project)
+  embed_int8.safetensors                        an int8 input embedding (quantize / ptq with embeddings: int8)
+  hybrid_loader.py                              with hybrid/ or embed_int8: a standalone loader (torch + transformers,
+                                                no import of this project)
   export.json                                   node, chain, state, format, loads_with, reported perplexity
   README.md                                     how to load it, exactly
 
@@ -23,6 +24,7 @@ from . import artifact
 from .adapters import CONFIG as HYBRID_CONFIG
 from .adapters import WEIGHTS as HYBRID_WEIGHTS
 from .adapters import Hybrid
+from .hybrid_loader import EMBED_INT8
 
 LOADER = Path(__file__).with_name("hybrid_loader.py")
 HYBRID_DIR = "hybrid"
@@ -100,11 +102,15 @@ def readme(name: str, man: dict, libs: list[str], metrics: dict | None) -> str:
              f"- base weights: {fmt}, in this folder (config.json, *.safetensors, tokenizer files)"]
     if "peft" in libs:
         parts.append("- `lora/`: LoRA adapter in peft's format, over the weights above (not merged)")
-    if artifact.HYBRID_LOADER in libs:
-        modules = " and ".join(man["state"].get("modules", []))
+    if man["state"].get("modules"):
+        modules = " and ".join(man["state"]["modules"])
         parts.append(f"- `hybrid/`: {modules} (safetensors + json); transformers and peft have no such module, so "
                      "`hybrid_loader.py` (plain torch + transformers, documented inside) runs it: a model loaded "
                      "without it scores worse than the numbers below")
+    if man["state"].get("int8_embedding"):
+        parts.append(f"- `{EMBED_INT8}`: the input embedding (and the tied lm_head) as int8 codes with one float16 "
+                     "scale per row, left out of the checkpoint above: no client loads an int8 embedding beside these "
+                     "weights, so `hybrid_loader.py` puts it in; transformers alone initialises it at random")
     parts += ["", f"**Loads with:** {' + '.join(libs)}.", "", "```bash", f"pip install torch {pins}", "```", "",
               "```python", _snippet(name, man, libs), "```", ""]
     if "peft" in libs and artifact.HYBRID_LOADER not in libs:
@@ -124,9 +130,10 @@ def export(node_dir: Path, dest: Path, metrics: dict | None = None) -> dict:
         artifact.verify(wdir)
     libs = artifact.loads_with(man)
     peft = artifact.peft_dir(node_dir)
-    has_lora, has_hybrid = (peft / "lora").is_dir(), Hybrid.exists(peft)
-    if has_lora != ("peft" in libs) or has_hybrid != (artifact.HYBRID_LOADER in libs):
-        raise ExportError(f"{node_dir}: its files (lora: {has_lora}, adapters/prompt: {has_hybrid}) disagree with its "
+    has_lora, has_hybrid, has_emb8 = (peft / "lora").is_dir(), Hybrid.exists(peft), (wdir / EMBED_INT8).is_file()
+    if has_lora != ("peft" in libs) or (has_hybrid or has_emb8) != (artifact.HYBRID_LOADER in libs):
+        raise ExportError(f"{node_dir}: its files (lora: {has_lora}, adapters/prompt: {has_hybrid}, int8 embedding: "
+                          f"{has_emb8}) disagree with its "
                           f"manifest state {man['state']}; rebuild it: python -m pipeline run {man['node']} --force")
     info = {"node": man["node"], "chain": man["chain"], "fingerprint": man["fingerprint"], "format": man["format"],
             "state": man["state"], "loads_with": libs,
@@ -141,6 +148,7 @@ def export(node_dir: Path, dest: Path, metrics: dict | None = None) -> dict:
             (tmp / HYBRID_DIR).mkdir()
             for name in (HYBRID_CONFIG, HYBRID_WEIGHTS):
                 shutil.copy2(peft / name, tmp / HYBRID_DIR / name)
+        if has_hybrid or has_emb8:
             shutil.copy2(LOADER, tmp / "hybrid_loader.py")
         artifact.write_json(tmp / "export.json", info)
         (tmp / "README.md").write_text(readme(dest.name, man, libs, metrics))

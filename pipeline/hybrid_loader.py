@@ -28,6 +28,7 @@ from torch import nn
 HYBRID_DIR = "hybrid"
 CONFIG = "hybrid.json"
 WEIGHTS = "hybrid.safetensors"
+EMBED_INT8 = "embed_int8.safetensors"  # an int8 input embedding (ptq / quantize with embeddings: int8)
 KNOWN_PARTS = {"hidden", "n_layers", "adapter_dim", "prompt_tokens", "adapter_act", "prefix_tokens", "prefix_shape",
                "prefix_mlp"}  # prefix_mlp is always null in a saved node: the pipeline folds the MLP on save
 
@@ -116,6 +117,21 @@ class Hybrid(nn.Module):
         return torch.cat([p, embeds], dim=1)
 
 
+@torch.no_grad()
+def load_int8_embedding(model: nn.Module, weights_dir: str | Path) -> bool:
+    """Put the int8 input embedding stored beside the weights (EMBED_INT8: int8 `codes` [vocab, hidden], one float16
+    `scale` per row; weight = codes * scale) into `model`, whose checkpoint then lacks that tensor: transformers
+    leaves it randomly initialised, so a model loaded without this scores nothing like the node. A tied lm_head is
+    the same tensor and follows. Returns whether there was one."""
+    f = Path(weights_dir) / EMBED_INT8
+    if not f.is_file():
+        return False
+    parts = load_file(f)
+    emb = model.get_input_embeddings().weight
+    emb.data = (parts["codes"].float() * parts["scale"].float()[:, None]).to(device=emb.device, dtype=emb.dtype)
+    return True
+
+
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **from_pretrained):
     """(model, tokenizer, hybrid) from an export dir: base weights (fp, NF4 or GPTQ), LoRA (peft), then the hybrid
     parts, attached. fp32 is the dtype the pipeline evaluated in on CPU; pass torch.bfloat16 on a GPU to save memory.
@@ -131,6 +147,7 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote, **placed, **from_pretrained)
     if not quantized:
         model.to(device)
+    load_int8_embedding(model, path)
     if (path / "lora").is_dir():
         from peft import PeftModel
 

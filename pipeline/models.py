@@ -16,6 +16,7 @@ from torch import nn
 
 from . import artifact
 from .adapters import Hybrid
+from .hybrid_loader import load_int8_embedding
 from .config import ModelCfg
 from .data import IGNORE, Batch
 
@@ -346,7 +347,9 @@ def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device,
         kw["quantization_config"] = GPTQConfig(bits=4, backend=cfg.gptq_kernel)  # only its loading attributes apply
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype or dtype_of(cfg, device),
                                                  trust_remote_code=cfg.trust_remote_code, **kw)
-    return (model if kw else model.to(device)).eval(), tok
+    model = model if kw else model.to(device)
+    load_int8_embedding(model, weights)  # an int8 embedding stored apart (quantize's embeddings: int8)
+    return model.eval(), tok
 
 
 def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: torch.dtype | None = None,

@@ -30,6 +30,7 @@ class State:
     adapter_act: str | None = None    # the adapter's activation; merge folds "linear" adapters into the weights
     merged: bool = False
     quantized_before: bool = False    # for the Harma flag
+    int8_embedding: bool = False      # the base's embedding stored as int8 apart from its checkpoint
 
     def describe(self) -> str:
         parts = [self.quant or "fp"]
@@ -44,6 +45,8 @@ class State:
             parts[-1] = parts[-1].replace("adapter", "adapter(linear)")
         if self.merged:
             parts.append("merged")
+        if self.int8_embedding:
+            parts.append("int8-embedding")
         return " ".join(parts)
 
 
@@ -66,7 +69,8 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
         if kind == "quantize" and (state.lora or state.modules or state.merged):
             raise ValueError("quantize is for the base model; after peft/merge use a ptq stage")
         # ptq under unmerged PEFT quantizes the base weights only; the PEFT parts stay in fp32 beside them
-        return replace(state, quant=cfg.method, quantized_before=True), flag
+        return replace(state, quant=cfg.method, quantized_before=True,
+                       int8_embedding=cfg.embeddings == "int8"), flag
     if kind == "peft":
         if state.lora or state.modules:
             raise ValueError("the model already has PEFT modules (two peft stages on one model); merge is not enough, drop one peft stage")
@@ -89,7 +93,8 @@ def advance(state: State, kind: str, cfg) -> tuple[State, str | None]:
             if state.sparse and cfg.keep_mask:
                 flag = INEXACT_FOLD
             state = replace(state, modules=tuple(m for m in state.modules if m != "adapter"), adapter_act=None)
-        return replace(state, lora=False, quant=None, merged=True), flag
+        # merge saves fp weights: the int8 embedding's values go into the checkpoint itself
+        return replace(state, lora=False, quant=None, merged=True, int8_embedding=False), flag
     raise ValueError(f"unknown stage kind {kind!r}")
 
 

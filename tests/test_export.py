@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from conftest import run_project, tiny_params
 from pipeline import artifact, data, report
 from pipeline.cli import app
+from pipeline.plan import build_plan
 from pipeline.runner import artifact_path
 
 LOADER = artifact.HYBRID_LOADER
-EXPORTED = ["hybrid_lin-merge", "hybrid", "nf4", "nf4-hybrid", "hybrid-merge", "prefixed"]
+EXPORTED = ["hybrid_lin-merge", "hybrid", "nf4", "nf4-hybrid", "hybrid-merge", "prefixed", "nf4_e8"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,9 @@ def runs(tmp_path_factory, tiny_model):
                                  "adapter_dim": 16, "steps": 8, "seq_len": 64, "lr": 0.01}
     p["stages"]["prefixed"] = {"kind": "peft", "methods": ["lora", "prefix", "prompt"], "prefix_tokens": 4,
                                "prompt_tokens": 4, "steps": 8, "seq_len": 64, "lr": 0.01}
+    p["stages"]["nf4_e8"] = {"kind": "quantize", "method": "nf4", "embeddings": "int8"}
     p["orderings"] = {"linear": ["hybrid_lin", "merge"], "qlora": ["nf4", "hybrid"], "gelu": ["hybrid", "merge"],
-                      "prefixed": ["prefixed"]}
+                      "prefixed": ["prefixed"], "emb8": ["nf4_e8"]}
     params, results = run_project(root, p)
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
@@ -119,7 +121,7 @@ def test_loads_with_each_node_kind(runs):
                 "nf4-hybrid": ["transformers", "bitsandbytes", "peft", LOADER],
                 "hybrid": ["transformers", "peft", LOADER], "hybrid-merge": ["transformers", LOADER],
                 "hybrid_lin": ["transformers", "peft", LOADER], "hybrid_lin-merge": ["transformers"],
-                "prefixed": ["transformers", "peft", LOADER]}
+                "prefixed": ["transformers", "peft", LOADER], "nf4_e8": ["transformers", "bitsandbytes", LOADER]}
     assert {n: m["loads_with"] for n, m in r.items()} == expected
     for name, libs in expected.items():
         assert artifact.loads_with(artifact.read_manifest(artifact_path(name))) == libs
@@ -243,7 +245,10 @@ def test_exports_reload_in_a_fresh_process_with_plain_libraries(runs, exports, t
         for corpus, ppl in r[node]["ppl"].items():
             got = fresh[node]["loader" if needs_loader else "plain"][corpus]
             assert got == pytest.approx(ppl, rel=5e-3), (node, corpus)
-            if needs_loader:
+            # the plain clients fall short: visibly on the tiny model's perplexity where modules are missing; a
+            # missing (randomly initialised) embedding of a random tiny model can land near its perplexity by chance,
+            # so test_int8_embedding_... checks that transformers alone reports it missing instead
+            if needs_loader and not artifact.read_manifest(artifact_path(node))["state"].get("int8_embedding"):
                 assert fresh[node]["plain"][corpus] != pytest.approx(ppl, rel=1e-2), (node, corpus)
 
 
@@ -271,3 +276,32 @@ def test_export_errors_are_one_line_and_write_nothing(runs, tmp_path):
     line = _one_line_error(CliRunner().invoke(app, ["export", "nf4", str(dest), "-p", "params.yaml"]))
     assert "not an empty directory" in line
     assert [p.name for p in dest.iterdir()] == ["keep.txt"] and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_int8_embedding_is_stored_apart_smaller_and_reloads_exactly(runs):
+    """embeddings: int8 takes the embedding out of the checkpoint into int8 codes + a float16 scale per row; the
+    node reloads to exactly those values (the stage's round-trip check), costs ~1/4 of the fp32 bytes, and a model
+    loaded without the file is not the node."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pipeline.hybrid_loader import EMBED_INT8
+    from pipeline.models import load_lm
+
+    _, params, r = runs
+    node, plain = artifact_path("nf4_e8"), artifact_path("nf4")
+    parts = load_file(node / EMBED_INT8)
+    assert parts["codes"].dtype == torch.int8 and parts["scale"].dtype == torch.float16
+    with safe_open(node / "model.safetensors", framework="pt") as f:
+        assert "model.embed_tokens.weight" not in f.keys()
+    emb = load_lm(node, params.model).model.get_input_embeddings().weight
+    assert torch.equal(emb, parts["codes"].float() * parts["scale"].float()[:, None])
+    fp_emb = load_lm(plain, params.model).model.get_input_embeddings().weight
+    assert 0 < (emb - fp_emb).abs().max() <= fp_emb.abs().max() / 127  # within half a step of the row's grid
+    assert r["nf4_e8"]["size"]["bytes"] < r["nf4"]["size"]["bytes"]
+    assert r["nf4_e8"]["ppl"]["wiki"] == pytest.approx(r["nf4"]["ppl"]["wiki"], rel=0.02)
+    assert "int8-embedding" in build_plan(params).nodes["nf4_e8"].state.describe()
+    from transformers import AutoModelForCausalLM  # transformers alone: the embedding is missing, not the node's
+
+    _, info = AutoModelForCausalLM.from_pretrained(node, device_map={"": "cpu"}, output_loading_info=True)
+    assert "model.embed_tokens.weight" in info["missing_keys"]

@@ -21,9 +21,11 @@ def test_default_trie_shares_prefixes():
     plan = build_plan(parse_params(default_raw()))
     names = list(plan.nodes)
     assert len(names) == len(set(names))
-    # qlora_gptq and qlora_nf4 share nf4 -> hybrid -> merge: one node each
-    assert plan.nodes["nf4-hybrid-merge"].orderings == ["qlora_gptq", "qlora_nf4"]
-    assert [n.name for n in plan.children("nf4-hybrid-merge")] == ["nf4-hybrid-merge-gptq4", "nf4-hybrid-merge-nf4_ptq"]
+    # qlora_gptq, qlora_nf4 and qlora_nf4_e8 share nf4 -> hybrid -> merge: one node each
+    assert plan.nodes["nf4-hybrid-merge"].orderings == ["qlora_gptq", "qlora_nf4", "qlora_nf4_e8"]
+    assert [n.name for n in plan.children("nf4-hybrid-merge")] == ["nf4-hybrid-merge-gptq4", "nf4-hybrid-merge-nf4_ptq",
+                                                                   "nf4-hybrid-merge-nf4_ptq_e8"]
+    assert plan.nodes["nf4-hybrid-merge-nf4_ptq_e8"].state.int8_embedding
     for ordering, leaf in plan.leaves.items():
         assert leaf in plan.nodes
         assert plan.nodes[leaf].chain == tuple(default_raw()["orderings"][ordering])

@@ -24,11 +24,14 @@ ptq.py reuses `quantize()`: the same methods, placed after a merge.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import artifact, data, gptq_format
@@ -37,6 +40,7 @@ from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
 from ..gptq import GPTQ, Quantized
 from ..gptq_format import gptq_config
 from ..hessian import sequential
+from ..hybrid_loader import EMBED_INT8
 from ..models import LM, dense_weight, device_of, dtype_of, load_base, load_lm, save_weights
 
 # The check is on weights: the reloaded checkpoint must dequantize to exactly the quantized weights. Logits are only
@@ -172,6 +176,34 @@ def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module
 METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptqmodel}
 
 
+@torch.no_grad()
+def store_int8_embedding(model: nn.Module, out: Path) -> None:
+    """Round `model`'s input embedding to int8 per row (symmetric absmax, one float16 scale per row) in place, write
+    it to EMBED_INT8 in `out` and drop the fp tensor from the checkpoint there: load_base (and the export's
+    hybrid_loader.py) put it back, as codes * scale in the model's dtype."""
+    emb = model.get_input_embeddings().weight
+    w = emb.detach().float()
+    scale = (w.abs().amax(1) / 127).half().clamp(min=torch.finfo(torch.float16).tiny)
+    codes = torch.clamp(torch.round(w / scale.float()[:, None]), -127, 127).to(torch.int8)
+    save_file({"codes": codes.cpu().contiguous(), "scale": scale.cpu().contiguous()}, out / EMBED_INT8)
+    emb.data = (codes.float() * scale.float()[:, None]).to(emb.dtype)  # what a load computes
+    key = next(n for n, p in model.named_parameters() if p is emb)  # a tied lm_head is saved under this name only
+    for f in out.glob("*.safetensors"):
+        if f.name == EMBED_INT8:
+            continue
+        with safe_open(f, framework="pt") as sf:
+            keys, meta = list(sf.keys()), sf.metadata()
+        if key in keys:
+            tensors = load_file(f)
+            del tensors[key]
+            save_file(tensors, f, metadata=meta)
+    index = out / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint names each tensor's shard
+        idx = json.loads(index.read_text())
+        idx["weight_map"].pop(key, None)
+        index.write_text(json.dumps(idx, indent=2))
+
+
 def probe_ids(tokenizer, params: Params) -> torch.Tensor:
     """A fixed calibration-like window for round-trip checks: the first tokens of the calibration corpus."""
     return data.tokenize(tokenizer, data.corpus_text(params.data.calibration), PROBE_TOKENS)[None]
@@ -199,6 +231,10 @@ def roundtrip_error(reference: nn.Module, out: Path, fmt: str, params: Params) -
         raise RuntimeError(f"quantize: the saved checkpoint quantizes {sorted(set(loaded) ^ set(expected))[:3]} "
                            f"differently from the quantized model")
     weight_diff = max((loaded[n] - expected[n]).abs().max().item() for n in loaded)
+    if (out / EMBED_INT8).is_file():  # the int8 embedding must come back exactly too
+        emb = model.get_input_embeddings().weight
+        ref_emb = reference.get_input_embeddings().weight.to(device=emb.device, dtype=emb.dtype)
+        weight_diff = max(weight_diff, (emb.float() - ref_emb.float()).abs().max().item())
     ids = probe_ids(tok, params).to(device)
     if fmt not in ("nf4", "int8"):  # the dequantized GPTQ copy: compute it as the loaded model does
         reference = reference.to(device=device, dtype=dtype)
@@ -214,6 +250,8 @@ def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     calibration on such a node follows cfg.calibration (see gptq())."""
     fmt = storage_format(cfg)
     reference = METHODS[cfg.method](src, cfg, out, params)
+    if cfg.embeddings == "int8":
+        store_int8_embedding(reference, out)
     err = roundtrip_error(reference, out, fmt, params)
     if not err["weights_max_abs_diff"] == 0:  # `not ==` also catches NaN
         raise RuntimeError(f"quantize {cfg.method}: the saved checkpoint's weights are up to "
