@@ -100,24 +100,15 @@ def runs(plan) -> list[list[str]]:
 
 
 def spawn(args, plan) -> list[Path]:
-    """Run the trie's runs as processes (see the module docstring): one per run (--procs auto), or dealt in
-    depth-first order to N processes, each run to the process with the fewest nodes so far (--procs N; a process
-    runs its runs one after another, shallowest start first; round-robin dealing had put a GPTQ node after the
-    longest chain). Returns their folders."""
+    """Run the trie's runs as processes (see the module docstring): one per run (--procs auto), or dealt round-robin
+    in depth-first order to N processes (--procs N; a process runs its runs one after another, and since a run's
+    parent always lies in an earlier run, the lowest unfinished run can always proceed). Dealing each run to the
+    least-loaded process, shallowest start first, was measured worse on the H200 (24 of 27 nodes at 465 s against 26
+    at 459 s: it started five CUDA-graph trainings at once; bench/results/gpu_trie.json). Returns their folders."""
     parts = runs(plan)
     if args.procs != "auto":
-        n = min(int(args.procs), len(parts))  # checked in main()
-        dealt: list[list[list[str]]] = [[] for _ in range(n)]
-        for run in parts:
-            min(dealt, key=lambda runs_: sum(map(len, runs_))).append(run)
-
-        def depth(node: str) -> int:
-            parent = plan.nodes[node].parent
-            return 0 if parent is None else 1 + depth(parent)
-
-        # within a process, runs that can start early go first: each waits only on a shallower node, so the
-        # waits cannot form a cycle, and no independent run queues behind one that waits on a long chain
-        parts = [[node for run in sorted(runs_, key=lambda r: depth(r[0])) for node in run] for runs_ in dealt]
+        n = int(args.procs)  # checked in main()
+        parts = [[node for run in parts[i::n] for node in run] for i in range(min(n, len(parts)))]
     threads = max(1, (os.cpu_count() or 1) // len(parts))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTQMODEL_CPU_WORKERS": str(max(2, threads))}
     if args.mem_fraction:  # without MPS each process keeps its own allocator cache: cap it, or one hoards the GPU
