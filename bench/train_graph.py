@@ -7,7 +7,7 @@ Every variant of a config starts from the same weights, PEFT init, batches and h
 curves must agree: the table's last column is the largest held-out loss difference from eager.
 
     python bench/train_graph.py                    # GPU: writes bench/results/train_graph.json, prints a table
-    python bench/train_graph.py --tiny             # CPU check of the script (graph and compile fall back: no CUDA)
+    python bench/train_graph.py --tiny             # CPU check of the script (the graph falls back: no CUDA)
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def run(name: str, args, device: torch.device, dtype: torch.dtype, stream: torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a tiny model on CPU: checks the script, measures nothing")
-    ap.add_argument("--runs", default="hybrid:eager,hybrid:eager_hf,hybrid:graph,hybrid:compile_graph,"
+    ap.add_argument("--runs", default="hybrid:eager,hybrid:eager_hf,hybrid:graph,"
                     "lora:eager,lora:graph,adapter:eager,adapter:graph,prompt:eager,prompt:graph,"
                     "prefix:eager,prefix:graph",
                     help="comma-separated CONFIG:MODE, CONFIG in hybrid, lora, adapter, prompt, prefix (nf4_ prefix: "
