@@ -129,6 +129,26 @@ def test_quantize_stage_records_its_round_trip(base, tmp_path):
     assert info["format"] == "gptq" and info["roundtrip"]["weights_max_abs_diff"] == 0
 
 
+def test_int8_embedding_over_a_gptq_format_checkpoint_round_trips(base, tmp_path):
+    """embeddings: int8 on the GPTQ checkpoint format (RTN: no calibration, the same packing and load path): the
+    embedding leaves model.safetensors for int8 codes + scales, and the reloaded node holds exactly those values."""
+    from safetensors import safe_open
+
+    from pipeline.hybrid_loader import EMBED_INT8
+
+    _, params, src, fp, _ = base
+    out = tmp_path / "q"
+    out.mkdir()
+    info = q.quantize(src, cfg(method="rtn", bits=4, group_size=128, embeddings="int8"), out, params)
+    assert info["roundtrip"]["weights_max_abs_diff"] == 0
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert "model.embed_tokens.weight" not in f.keys()
+    model, _ = load_base(out, "gptq", params.model, torch.device("cpu"))
+    emb, orig = model.get_input_embeddings().weight, fp.get_input_embeddings().weight
+    assert ((emb - orig).abs() <= 0.51 * orig.abs().amax(1, keepdim=True) / 127).all()  # half a step of its row
+    assert (out / EMBED_INT8).stat().st_size < orig.numel() * 1.1  # ~1 byte a weight
+
+
 @pytest.mark.integration
 def test_int8_loads_back_and_dequantizes(base, tmp_path):
     _, params, src, fp, tok = base
