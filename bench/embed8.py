@@ -1,8 +1,7 @@
 """What 8-bit embeddings would cost in quality: each node's input embedding (tied to the lm_head in SmolLM2, so
-both) rounded to int8 per row (symmetric absmax, one fp16 scale per row), then the same perplexity evaluation as the
-pipeline's (params.yaml's corpora and budgets), against the node unchanged. Also the bytes: the embedding's share of
-the node, and bits per weight with fp16 vs int8 embeddings. Paired per window (the same windows), so the difference
-has an interval the single numbers do not.
+both) rounded to int8 per row by the quantize stage's own code (store_int8_embedding: symmetric absmax, one float16
+scale per row), then the pipeline's perplexity evaluation (params.yaml's corpora and budgets), against the node
+unchanged, paired per window (the same windows), so the difference has an interval the single numbers do not.
 
     python bench/embed8.py artifacts/base artifacts/nf4-hybrid-merge-gptq4 --out bench/results/embed8.json
 """
@@ -12,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,14 +22,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.models import load_lm  # noqa: E402
 from pipeline.stages.evaluate import corpus_nlls  # noqa: E402
+from pipeline.stages.quantize import store_int8_embedding  # noqa: E402
 from pipeline.stats import paired_ppl_diff  # noqa: E402
-
-
-@torch.no_grad()
-def int8_rows(w: torch.Tensor) -> torch.Tensor:
-    """w rounded to int8 per row (symmetric absmax, fp16 scale), dequantized back to w's dtype."""
-    scale = (w.abs().amax(1, keepdim=True).float() / 127).half().float().clamp(min=1e-12)
-    return (torch.clamp(torch.round(w.float() / scale), -127, 127) * scale).to(w.dtype)
 
 
 def main() -> None:
@@ -45,7 +39,8 @@ def main() -> None:
         emb = lm.model.get_input_embeddings().weight
         tied = emb.data_ptr() == lm.base.get_output_embeddings().weight.data_ptr()
         before, _ = corpus_nlls(lm, params)
-        emb.data = int8_rows(emb.data)
+        with tempfile.TemporaryDirectory() as tmp:  # the stage's own rounding (embeddings: int8), its file thrown away
+            store_int8_embedding(lm.model, Path(tmp))
         after, _ = corpus_nlls(lm, params)
         n_emb = emb.numel()
         row = {"node": node.name, "tied": tied, "embedding_params": n_emb}

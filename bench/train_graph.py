@@ -26,41 +26,14 @@ from pipeline import data  # noqa: E402
 from pipeline.config import PeftCfg  # noqa: E402
 from pipeline.models import LM  # noqa: E402
 from pipeline.stages.peft import add_peft, train  # noqa: E402
+from train_speed import SHAPES, random_model  # noqa: E402  (bench/, on sys.path as the script's folder)
 
-SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048),
-}
 # config name -> PEFT methods; mode -> stage options. "eager" is what params-gpu.yaml ran before (fused loss)
 CONFIGS = {"hybrid": ["lora", "adapter", "prompt"], "lora": ["lora"], "adapter": ["adapter"], "prompt": ["prompt"],
            "prefix": ["prefix"]}
 # (cuda_graph with compile: true failed to record on the H200 and broke the process's CUDA state; the config
 # now refuses the pair)
 MODES = {"eager": {}, "eager_hf": {"fused_loss": "off"}, "graph": {"cuda_graph": True}}
-
-
-def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int, nf4: bool) -> LM:
-    import tempfile
-
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    if nf4:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            del model
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-            model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, quantization_config=q,
-                                                         device_map={"": str(device)})
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    return LM(model, None, None, device)
 
 
 def run(name: str, args, device: torch.device, dtype: torch.dtype, stream: torch.Tensor, heldout: data.Batch) -> dict:
@@ -70,7 +43,7 @@ def run(name: str, args, device: torch.device, dtype: torch.dtype, stream: torch
     cfg = PeftCfg(kind="peft", methods=methods, steps=args.steps, batch_size=args.batch, seq_len=args.seq,
                   lr=5e-4, warmup_steps=min(50, args.steps // 4), eval_every=args.eval_every,
                   eval_sequences=len(heldout), **MODES[mode])
-    lm = build(args.shape, device, dtype, args.seed, nf4)
+    lm = LM(random_model(args.shape, device, dtype, args.seed, nf4).eval(), None, None, device)
     trainable = add_peft(lm, cfg, args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -30,21 +30,23 @@ from pipeline.stages.peft import compile_layers  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256),
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048),
+                 num_key_value_heads=2, vocab_size=2048, rope_theta=500000.0),
 }
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int, nf4: bool = False):
-    """The same random model and LoRA init for every variant (seeded construction on the target device). nf4: the
-    same weights saved and reloaded through transformers + bitsandbytes NF4 (the QLoRA base)."""
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int, nf4: bool = False):
+    """A random Llama of a real model's shape (tied embeddings), built seeded on the target device, frozen. nf4: the
+    same weights saved and reloaded through transformers + bitsandbytes NF4 (a QLoRA base). Shared by the bench
+    scripts that time training (train_graph.py too)."""
     import tempfile
 
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=500000.0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
@@ -57,10 +59,17 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int, nf4: 
                                                          device_map={"": str(device)})
     for p in model.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(seed + 1)  # the same LoRA init whatever the base
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
     return model
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int, nf4: bool = False):
+    """The same random model and LoRA init for every variant (random_model, then LoRA r=8 on q/v)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = random_model(shape, device, dtype, seed, nf4)
+    torch.manual_seed(seed + 1)  # the same LoRA init whatever the base
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
 
 
 def batches(vocab: int, batch: int, seq: int, steps: int, seed: int) -> list[torch.Tensor]:
