@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--tiny", action="store_true", help="tiny shape, CPU-sized steps: a dry run of the code paths")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-work"), help="scratch dir for models and artifacts")
+    ap.add_argument("--gptq-only", action="store_true", help="only the GPTQ row (GPTQModel vs the quantize stage)")
     args = ap.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "4")
     cuda = torch.cuda.is_available()
@@ -138,34 +139,35 @@ def main() -> None:
     batch = torch.randint(0, 4096, (bsz, seq), device=device)
 
     # -- plain libraries -------------------------------------------------------------------------------
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if not args.gptq_only:  # training and forward rows
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    free()
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    warm = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device), lora)
-    plain_train(warm, batch, 2, 1e-4)  # untimed: the process's first backward pays one-off CUDA set-up costs
-    del warm
-    free()
-    plain_fwd = max(timed_forward(lambda b: hf(input_ids=b).logits, batch, fwd_iters) for _ in range(2))
-
-    def best_of_two(model, key: str) -> tuple[float, float]:
-        """Train twice with the plain loop; keep the faster run (and the first run's peak)."""
-        (tok_s, peak), (again, _) = plain_train(model, batch, steps, 1e-4), plain_train(model, batch, steps, 1e-4)
-        env[key] = [round(tok_s), round(again)]
-        return max(tok_s, again), peak
-
-    plain_lora, plain_lora_peak = best_of_two(get_peft_model(hf, lora), "plain_lora_runs")
-    del hf
-    free()
-    if cuda:
-        q = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device}, quantization_config=
-                                                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                    bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True))
-        plain_qlora, plain_qlora_peak = best_of_two(get_peft_model(q, lora), "plain_qlora_runs")
-        del q
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         free()
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        warm = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device), lora)
+        plain_train(warm, batch, 2, 1e-4)  # untimed: the process's first backward pays one-off CUDA set-up costs
+        del warm
+        free()
+        plain_fwd = max(timed_forward(lambda b: hf(input_ids=b).logits, batch, fwd_iters) for _ in range(2))
+
+        def best_of_two(model, key: str) -> tuple[float, float]:
+            """Train twice with the plain loop; keep the faster run (and the first run's peak)."""
+            (tok_s, peak), (again, _) = plain_train(model, batch, steps, 1e-4), plain_train(model, batch, steps, 1e-4)
+            env[key] = [round(tok_s), round(again)]
+            return max(tok_s, again), peak
+
+        plain_lora, plain_lora_peak = best_of_two(get_peft_model(hf, lora), "plain_lora_runs")
+        del hf
+        free()
+        if cuda:
+            q = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device}, quantization_config=
+                                                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                        bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True))
+            plain_qlora, plain_qlora_peak = best_of_two(get_peft_model(q, lora), "plain_qlora_runs")
+            del q
+            free()
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from pipeline import data
@@ -195,28 +197,31 @@ def main() -> None:
     plain_gptq_s = plain_gptq()
 
     # -- the stages ------------------------------------------------------------------------------------
-    res = {name: run_node(name, params) for name in ("base", "lora", "nf4", "nf4-qlora", "gptq")}
+    names = ("base", "gptq") if args.gptq_only else ("base", "lora", "nf4", "nf4-qlora", "gptq")
+    res = {name: run_node(name, params) for name in names}
     # timing noise on a 2-3 s measurement is ~5%: train each way twice and keep the better run, plain and stage alike
-    for name in ("lora", "nf4-qlora"):
+    for name in () if args.gptq_only else ("lora", "nf4-qlora"):
         again = run_node(name, params)["train"]
         env[f"stage_{name}_runs"] = [round(res[name]["train"]["tokens_per_s"]), round(again["tokens_per_s"])]
         if again["tokens_per_s"] > res[name]["train"]["tokens_per_s"]:
             res[name]["train"] = again
     env["plain_gptq_s_first"] = round(plain_gptq_s, 2)
     plain_gptq_s = min(plain_gptq_s, plain_gptq())
-    lm: LM = load_lm(artifact_path("base"), params.model)
-    stage_fwd = max(timed_forward(lambda b: lm.logits(b), batch, fwd_iters) for _ in range(2))
-    del lm
-    free()
+    if not args.gptq_only:
+        lm: LM = load_lm(artifact_path("base"), params.model)
+        stage_fwd = max(timed_forward(lambda b: lm.logits(b), batch, fwd_iters) for _ in range(2))
+        del lm
+        free()
 
     def row(what, plain, stage, unit, higher_better=True):
         ratio = (stage / plain) if higher_better else (plain / stage)
         rows.append({"what": what, "plain": round(plain, 2), "stage": round(stage, 2), "unit": unit,
                      "ratio": round(ratio, 3)})
 
-    row("forward (HF model vs LM.logits)", plain_fwd, stage_fwd, "tok/s")
-    row("LoRA train (peft vs peft stage)", plain_lora, res["lora"]["train"]["tokens_per_s"], "tok/s")
-    if cuda:
+    if not args.gptq_only:
+        row("forward (HF model vs LM.logits)", plain_fwd, stage_fwd, "tok/s")
+        row("LoRA train (peft vs peft stage)", plain_lora, res["lora"]["train"]["tokens_per_s"], "tok/s")
+    if cuda and not args.gptq_only:
         row("QLoRA train (peft+bnb vs peft stage on nf4)", plain_qlora, res["nf4-qlora"]["train"]["tokens_per_s"], "tok/s")
         row("QLoRA training peak memory", plain_qlora_peak, res["nf4-qlora"]["train"]["peak_memory_mb"] / 1024, "GiB", False)
     row("GPTQ 4-bit g128 (GPTQModel vs quantize stage)", plain_gptq_s, res["gptq"]["stage_seconds"], "s", False)

@@ -1,15 +1,17 @@
 """The whole default trie at real budgets (params-gpu.yaml) on one GPU, timed per node; then the comparison report,
 and the evaluation throughput against a plain HF forward loop at the same batch.
 
-    python bench/gpu_trie.py --params params-gpu.yaml --root runs/gpu --out $OUT --procs 8 --mem-fraction 0.25  # H200
+    python bench/gpu_trie.py --params params-gpu.yaml --root runs/gpu --out $OUT --procs 8 --mem-fraction 0.11  # H200
     python bench/gpu_trie.py --params params.yaml --root runs/cpu --nodes base                 # a CPU dry run
 
---procs auto cuts the trie into root-to-leaf runs (a node's deepest child continues its process, every other child
-starts one) and runs them as processes sharing the GPU: a child starts as soon as its parent's artifact is
-committed, while the parent is still being evaluated, so only stages lie on the critical path.
+Each node is two jobs, its build and its evaluation; --procs N worker processes share the GPU and each takes the
+ready job of the highest priority (the build with the longest chain of builds after it first, evaluations last),
+so a node's children start as soon as its artifact is committed, while it is still being evaluated elsewhere, and
+only builds lie on the critical path.
 
-Writes <out>/gpu_trie.json (per node: load, stage, eval seconds; the whole trie's wall time; start + imports) and
-copies the report (compare.md, compare.json, pareto.png) beside it. Prints a short table last.
+Writes <out>/gpu_trie.json (per node: load, stage, eval seconds and when each job ran; the whole trie's wall time
+from this process's start; each worker's start + imports) and copies the report (compare.md, compare.json,
+pareto.png) beside it. Prints a short table last.
 """
 from __future__ import annotations
 
@@ -77,77 +79,161 @@ def eval_throughput(params, root: Path, batch: int) -> dict:
             "ratio": round(tok_s["stage"] / tok_s["plain"], 3), "runs_s": times}
 
 
-def runs(plan) -> list[list[str]]:
-    """The trie as root-to-leaf runs, each node in one: a node's deepest child continues its run (the critical chain
-    stays in one process, with no waiting), every other child starts a run of its own."""
-    depth: dict[str, int] = {}
+# A node's build and its evaluation are separate jobs: the children of a node start as soon as its artifact is
+# committed, while it is being evaluated, so only builds lie on the critical path. Rough seconds per build kind
+# on the H200, only to order the ready jobs (longest remaining chain of builds first, evaluations after).
+BUILD_GUESS_S = {"base": 5, "prune": 10, "quantize": 15, "peft": 60, "merge": 10, "ptq": 30}
+
+
+def priorities(params, plan) -> dict[tuple[str, str], float]:
+    """(kind, node) -> priority, larger first: a build by the estimated seconds of builds from it to its deepest
+    leaf; an evaluation below every build (they never hold up another job)."""
+    chain: dict[str, float] = {}
     for name in reversed(list(plan.nodes)):  # depth-first order: children after parents
-        depth[name] = 1 + max((depth[c.name] for c in plan.children(name)), default=0)
-    out: list[list[str]] = []
-
-    def walk(name: str, run: list[str]) -> None:
-        run.append(name)
-        kids = sorted((c.name for c in plan.children(name)), key=lambda c: -depth[c])
-        if not kids:
-            out.append(run)
-            return
-        walk(kids[0], run)
-        for k in kids[1:]:
-            walk(k, [])
-
-    walk("base", [])
-    return out
+        cfg = params.stages[plan.nodes[name].config] if plan.nodes[name].config else None
+        own = BUILD_GUESS_S[cfg.kind if cfg else "base"]
+        chain[name] = own + max((chain[c.name] for c in plan.children(name)), default=0)
+    order = list(plan.nodes)
+    return {**{("build", n): 1e6 + chain[n] for n in plan.nodes},
+            **{("eval", n): -order.index(n) for n in plan.nodes}}
 
 
-def spawn(args, plan) -> list[Path]:
-    """Run the trie's runs as processes (see the module docstring): one per run (--procs auto), or dealt round-robin
-    in depth-first order to N processes (--procs N; a process runs its runs one after another, and since a run's
-    parent always lies in an earlier run, the lowest unfinished run can always proceed). Dealing each run to the
-    least-loaded process, shallowest start first, was measured worse on the H200 (24 of 27 nodes at 465 s against 26
-    at 459 s: it started five CUDA-graph trainings at once; bench/results/gpu_trie.json). Returns their folders."""
-    parts = runs(plan)
-    if args.procs != "auto":
-        n = int(args.procs)  # checked in main()
-        parts = [[node for run in parts[i::n] for node in run] for i in range(min(n, len(parts)))]
-    threads = max(1, (os.cpu_count() or 1) // len(parts))
+class Jobs:
+    """The trie's jobs shared by worker processes through files under <root>/procs/claims: a job is taken by
+    creating its claim file (O_EXCL: exactly one worker gets it), done when its .done file appears, failed when its
+    .failed file does (then every job that needs it fails too)."""
+
+    def __init__(self, params, plan, root: Path, nodes: list[str]):
+        self.plan, self.root, self.dir = plan, root, root / "procs" / "claims"
+        self.prio = priorities(params, plan)
+        self.jobs = sorted(((k, n) for n in nodes for k in ("build", "eval")), key=lambda j: -self.prio[j])
+
+    def _file(self, job: tuple[str, str], suffix: str = "") -> Path:
+        return self.dir / f"{job[0]}-{job[1]}{suffix}"
+
+    def needs(self, job: tuple[str, str]) -> tuple[str, str] | None:
+        kind, node = job
+        if kind == "eval":
+            return ("build", node)
+        parent = self.plan.nodes[node].parent
+        return ("build", parent) if parent else None
+
+    def state(self, job: tuple[str, str]) -> str:
+        """done | failed | taken | ready | waiting (for the job it needs)."""
+        for suffix, state in ((".done", "done"), (".failed", "failed"), ("", "taken")):
+            if self._file(job, suffix).exists():
+                return state
+        need = self.needs(job)
+        if need is None or (need[1] not in {n for _, n in self.jobs} and
+                            (artifact_path(need[1], self.root) / "artifact.json").is_file()):
+            return "ready"  # (a parent outside --nodes counts as built if its artifact is there)
+        return {"done": "ready", "failed": "failed"}.get(self.state(need), "waiting")
+
+    def take(self) -> tuple[str, str] | None | bool:
+        """The ready job of the highest priority, now claimed by this process; None: nothing is ready yet; False:
+        nothing is left to take."""
+        left = False
+        for job in self.jobs:
+            state = self.state(job)
+            if state == "failed" and not self._file(job).exists() and self.claim(job):
+                self._file(job, ".failed").touch()  # what it needs failed: nobody will run it
+            elif state == "ready" and self.claim(job):
+                return job
+            left = left or state in ("ready", "waiting")
+        return None if left else False
+
+    def claim(self, job: tuple[str, str]) -> bool:
+        try:
+            os.close(os.open(self._file(job), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def finish(self, job: tuple[str, str], ok: bool) -> None:
+        self._file(job, ".done" if ok else ".failed").touch()
+
+
+T_WORKER_READY = [0.0]  # when this process was ready to take jobs (wall clock)
+
+
+def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
+    """One worker: take the ready job of the highest priority, run it, repeat until none is left. Writes each job's
+    timings to <out>/gpu_trie.partial.json as it goes, its start + imports to <out>/ready.txt."""
+    (out / "ready.txt").write_text(json.dumps({"start_imports_s": round(T_IMPORTS, 2), "ready_at": T_WORKER_READY[0]}))
+    jobs = Jobs(params, plan, root, nodes)
+    rows: dict[str, dict] = {}
+    while (job := jobs.take()) is not False:
+        if job is None:
+            time.sleep(0.2)
+            continue
+        kind, name = job
+        models.LOAD_SECONDS[0] = 0.0
+        sync()
+        t_begin, t0 = time.time(), time.perf_counter()
+        try:
+            result = run_node(name, params, root, force=kind == "build", evaluate=kind == "eval")
+        except Exception as exc:  # noqa: BLE001  (recorded; the jobs that need it fail, the others go on)
+            jobs.finish(job, ok=False)
+            rows.setdefault(name, {})[f"{kind}_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"{kind} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
+            continue
+        sync()
+        wall = time.perf_counter() - t0
+        jobs.finish(job, ok=True)
+        row = rows.setdefault(name, {})
+        row.update({f"{kind}_proc": out.name, f"{kind}_begin": t_begin, f"{kind}_end": time.time(),
+                    f"{kind}_wall_s": round(wall, 2), f"{kind}_load_s": round(models.LOAD_SECONDS[0], 2)})
+        if kind == "build":
+            stage_info = result.get("stage_info", {})
+            row.update({"stage_s": result["timings"]["stage_s"],
+                        "stage_parts_s": stage_info.get("seconds"),
+                        "train_tok_s": stage_info.get("train", {}).get("tokens_per_s")})
+            print(f"build {name}: {wall:.1f} s", flush=True)
+        else:
+            row.update({"eval_s": result["eval_seconds"], "eval_parts_s": result.get("eval_parts_seconds"),
+                        "ppl": result["ppl"]})
+            print(f"eval {name}: {wall:.1f} s, ppl {result['ppl']}", flush=True)
+        (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
+
+
+def spawn(args, nodes: list[str]) -> list[Path]:
+    """N worker processes sharing the GPU, each running `work`; returns their folders."""
+    n = int(args.procs)  # checked in main()
+    threads = max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTQMODEL_CPU_WORKERS": str(max(2, threads))}
     if args.mem_fraction:  # without MPS each process keeps its own allocator cache: cap it, or one hoards the GPU
         env["GPU_TRIE_MEM_FRACTION"] = str(args.mem_fraction)
     dirs, procs = [], []
-    for i, nodes in enumerate(parts):
+    for i in range(n):
         d = Path(args.root) / "procs" / f"p{i:02d}"
         d.mkdir(parents=True, exist_ok=True)
         log = open(d / "log.txt", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, "--params", args.params, "--root", args.root,
-                                       "--out", str(d), "--wait", "--nodes", *nodes], stdout=log, stderr=log, env=env))
+                                       "--out", str(d), "--worker", "--nodes", *nodes], stdout=log, stderr=log, env=env))
         dirs.append(d)
-        print(f"p{i:02d}: {' '.join(nodes)}", flush=True)
-    failed = [(d, p.wait()) for d, p in zip(dirs, procs)]
-    for d, rc in failed:
-        if rc:
-            print(f"{d}: exit {rc}; log tail:\n{(d / 'log.txt').read_text()[-2000:]}", flush=True)
+    for d, p in zip(dirs, procs):
+        if p.wait():
+            print(f"{d}: exit {p.returncode}; log tail:\n{(d / 'log.txt').read_text()[-2000:]}", flush=True)
     return dirs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Run the whole trie of a params file in one process, timed per node.")
+    ap = argparse.ArgumentParser(description="Run the whole trie of a params file (builds and evaluations as jobs, in "
+                                             "one process or several sharing the GPU), timed per node.")
     ap.add_argument("--params", default="params-gpu.yaml", help="params file (default: params-gpu.yaml)")
     ap.add_argument("--root", default="runs/gpu", help="where artifacts/, metrics/ and reports/ go (default: runs/gpu)")
     ap.add_argument("--out", default=None, help="folder for gpu_trie.json and the report files")
-    ap.add_argument("--nodes", nargs="*", default=None, help="only these nodes (and nothing after them)")
-    ap.add_argument("--wait", action="store_true", help="wait for each node's parent (built by another process)")
-    ap.add_argument("--finish", nargs="*", default=None, metavar="DIR",
-                    help="run no node: merge the per-node timings in DIR/gpu_trie.partial.json of each process, "
-                         "then write the report, the throughput check and the HellaSwag anchor")
-    ap.add_argument("--no-anchor", action="store_true", help="with --finish: skip the full-HellaSwag anchor of the base")
-    ap.add_argument("--procs", default=None, metavar="auto|N",
-                    help="auto: one process per root-to-leaf run, sharing the GPU; N: the runs dealt to N processes; "
-                         "then finish (report, throughput)")
+    ap.add_argument("--nodes", nargs="*", default=None,
+                    help="only these nodes (each one's parent among them or already built under --root)")
+    ap.add_argument("--procs", default="1", metavar="N", help="worker processes sharing the GPU (default 1: this one)")
     ap.add_argument("--mem-fraction", type=float, default=None,
                     help="with --procs: each process's cap on the GPU's memory (torch.cuda.set_per_process_memory_fraction)")
+    ap.add_argument("--no-anchor", action="store_true", help="skip the full-HellaSwag anchor of the base")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process spawned by --procs N
     args = ap.parse_args()
-    if args.procs and args.procs != "auto" and not (args.procs.isdigit() and int(args.procs) > 0):
-        ap.error(f"--procs: {args.procs!r} is neither auto nor a positive number of processes; e.g. --procs 8")
+    if not (args.procs.isdigit() and int(args.procs) > 0):
+        ap.error(f"--procs: {args.procs!r} is not a positive number of processes; e.g. --procs 8")
 
     if os.environ.get("GPU_TRIE_MEM_FRACTION") and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(float(os.environ["GPU_TRIE_MEM_FRACTION"]))
@@ -157,77 +243,80 @@ def main() -> None:
     root = Path(args.root)
     out = Path(args.out) if args.out else root
     out.mkdir(parents=True, exist_ok=True)
-    t_spawn = time.time()
-    if args.procs:  # the children write the per-node rows; this process merges them below
-        args.finish = [str(d) for d in spawn(args, plan)]
-    nodes = [] if args.finish is not None else (args.nodes or list(plan.nodes))
-    rows, t_trie = {}, time.perf_counter()
-    for i, name in enumerate(nodes):
+    nodes = args.nodes or list(plan.nodes)
+    for name in nodes:
+        if name not in plan.nodes:
+            ap.error(f"--nodes: no node {name!r} in {args.params}; `python -m pipeline plan -p {args.params}` lists them")
         parent = plan.nodes[name].parent
-        t_wait = time.perf_counter()
-        while args.wait and parent and not (root / "artifacts" / parent / "artifact.json").is_file():
-            time.sleep(0.5)  # the parent is built by another process; its artifact appears whole (atomic rename)
-        wait_s = time.perf_counter() - t_wait
-        t_begin = time.time()
-        models.LOAD_SECONDS[0] = 0.0
-        sync()
-        t0 = time.perf_counter()
-        result = run_node(name, params, root, force=True)
-        sync()
-        wall = time.perf_counter() - t0
-        load = models.LOAD_SECONDS[0]
-        rows[name] = {"wall_s": round(wall, 2), "start_imports_s": round(T_IMPORTS, 2) if i == 0 else 0.0,
-                      "wait_s": round(wait_s, 2), "load_s": round(load, 2), "stage_s": result["stage_seconds"],
-                      "eval_s": result["eval_seconds"], "eval_parts_s": result.get("eval_parts_seconds"),
-                      "ppl": result["ppl"],
-                      "train_tok_s": result.get("train", {}).get("tokens_per_s"), "t_begin": t_begin,
-                      "t_end": time.time()}
-        print(f"{name}: {wall:.1f} s, ppl {result['ppl']}", flush=True)
-        (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
-    whole = time.perf_counter() - t_trie
-    if args.finish is not None:  # several processes ran the branches: the trie's wall time is first start to last end
-        for d in args.finish:
-            part = Path(d) / "gpu_trie.partial.json"
-            if part.is_file():  # a process that failed on its first node left none: its nodes are listed below
-                rows.update(json.loads(part.read_text()))
-        rows = {n: rows[n] for n in plan.nodes if n in rows}
-        # first start to last end; with --procs from the moment the processes were spawned (their starts included)
-        whole = max(r["t_end"] for r in rows.values()) - (t_spawn if args.procs else min(r["t_begin"] for r in rows.values()))
+        if parent and parent not in nodes and not (artifact_path(parent, root) / "artifact.json").is_file():
+            ap.error(f"--nodes: {name}'s parent {parent} is neither listed nor built under {root}; add it")
+    if args.worker:
+        T_WORKER_READY[0] = time.time()
+        work(args, params, plan, root, nodes, out)
+        return
+    shutil.rmtree(root / "procs", ignore_errors=True)  # claims of an earlier run
+    (root / "procs" / "claims").mkdir(parents=True)
+    t_start = time.time() - (time.perf_counter() - T_START)  # this process's own start: imports included
+    if int(args.procs) == 1:
+        args.worker = True
+        T_WORKER_READY[0] = time.time()
+        work(args, params, plan, root, nodes, out)
+        dirs = [out]
+    else:
+        dirs = spawn(args, nodes)
+    rows: dict[str, dict] = {}
+    starts = {}
+    for d in dirs:  # a worker's rows (a node's build and its evaluation may come from two workers)
+        part = Path(d) / "gpu_trie.partial.json"
+        if part.is_file():
+            for name, row in json.loads(part.read_text()).items():
+                rows.setdefault(name, {}).update(row)
+        ready = Path(d) / "ready.txt"
+        if ready.is_file():
+            starts[Path(d).name] = json.loads(ready.read_text())
+    rows = {n: rows[n] for n in plan.nodes if n in rows}
+    for name, r in rows.items():  # the per-node breakdown: start + imports of the process that built it
+        r["start_imports_s"] = starts.get(r.get("build_proc"), {}).get("start_imports_s")
+    ends = [r[k] for r in rows.values() for k in ("build_end", "eval_end") if k in r]
+    whole = (max(ends) - t_start) if ends else float("nan")  # from this process's start to the last job's end
+    missing = [n for n in nodes if "eval_s" not in rows.get(n, {})]
+    if missing:
+        print(f"nodes without a result (see procs/*/log.txt): {' '.join(missing)}", flush=True)
+    report_s, throughput, anchor = None, None, None
     if args.nodes is None:
         t_report = time.perf_counter()
-        missing = [n for n in plan.nodes if n not in rows and args.finish is not None]
-        if missing:
-            print(f"nodes without a result (see procs/*/log.txt): {' '.join(missing)}", flush=True)
         try:
             report.run(params, root)
         except Exception as exc:  # noqa: BLE001  (the timings still get written)
             print(f"report failed: {type(exc).__name__}: {exc}", flush=True)
-        report_s = time.perf_counter() - t_report
+        report_s = round(time.perf_counter() - t_report, 1)
         for f in ("compare.md", "compare.json", "pareto.png", "train_curves.png"):
             if (root / "reports" / f).is_file():
                 shutil.copy(root / "reports" / f, out / f)
-    if args.nodes is not None:  # one branch of several processes: the --finish call reports
-        return
-    throughput = eval_throughput(params, root, params.evaluate.batch_size)
-    anchor = None
-    if args.nodes is None and params.evaluate.zeroshot and not args.no_anchor:  # the sanity anchor: the base on the full HellaSwag validation set
-        from pipeline.zeroshot import evaluate_zeroshot
+        throughput = eval_throughput(params, root, params.evaluate.batch_size)
+        if params.evaluate.zeroshot and not args.no_anchor:  # the sanity anchor: the base on the full HellaSwag set
+            from pipeline.zeroshot import evaluate_zeroshot
 
-        t0 = time.perf_counter()
-        hs = evaluate_zeroshot(models.load_lm(artifact_path("base", root), params.model), {"hellaswag": None},
-                               batch_size=params.evaluate.zeroshot_batch_size, seed=params.seed)["hellaswag"]
-        anchor = {"task": "hellaswag", "n": hs["n"], "acc": hs["acc"], "acc_norm": hs["acc_norm"],
-                  "seconds": round(time.perf_counter() - t0, 1)}
+            t0 = time.perf_counter()
+            hs = evaluate_zeroshot(models.load_lm(artifact_path("base", root), params.model), {"hellaswag": None},
+                                   batch_size=params.evaluate.zeroshot_batch_size, seed=params.seed)["hellaswag"]
+            anchor = {"task": "hellaswag", "n": hs["n"], "acc": hs["acc"], "acc_norm": hs["acc_norm"],
+                      "seconds": round(time.perf_counter() - t0, 1)}
     result = {"params": args.params, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "start_and_imports_s": round(T_IMPORTS, 2), "whole_trie_s": round(whole, 1),
-              "report_s": round(report_s, 1), "missing": missing, "procs": len(args.finish or []) or 1, "nodes": rows, "eval_throughput": throughput, "hellaswag_full_base": anchor}
+              "torch": torch.__version__, "procs": int(args.procs), "workers": starts,
+              "whole_trie_s": round(whole, 1), "report_s": report_s, "missing": missing, "nodes": rows,
+              "eval_throughput": throughput, "hellaswag_full_base": anchor}
     (out / "gpu_trie.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{'node':40s} {'wall':>7s} {'load':>6s} {'stage':>7s} {'eval':>6s}  ppl")
+    print(f"\n{'node':34s} {'build':>6s} {'load':>5s} {'stage':>6s} {'eval':>6s} {'done at':>7s}  ppl")
     for name, r in rows.items():
-        ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["ppl"].items() if math.isfinite(v))
-        print(f"{name:40s} {r['wall_s']:7.1f} {r['load_s']:6.1f} {r['stage_s']:7.1f} {r['eval_s']:6.1f}  {ppl}")
-    print(f"whole trie {whole:.1f} s (+ {T_IMPORTS:.1f} s start + imports); eval {throughput['stage_tok_s']} tok/s vs "
-          f"plain {throughput['plain_tok_s']} tok/s at batch {throughput['batch']}: ratio {throughput['ratio']}")
+        ppl = ", ".join(f"{k} {v:.2f}" for k, v in r.get("ppl", {}).items() if math.isfinite(v))
+        done = max(r.get("build_end", 0), r.get("eval_end", 0)) - t_start
+        print(f"{name:34s} {r.get('build_wall_s', float('nan')):6.1f} {r.get('build_load_s', float('nan')):5.1f} "
+              f"{r.get('stage_s', float('nan')):6.1f} {r.get('eval_s', float('nan')):6.1f} {done:7.1f}  {ppl}")
+    print(f"whole trie {whole:.1f} s from start (imports included), {len(rows) - len(missing)} of {len(nodes)} nodes")
+    if throughput:
+        print(f"eval {throughput['stage_tok_s']} tok/s vs plain {throughput['plain_tok_s']} tok/s at batch "
+              f"{throughput['batch']}: ratio {throughput['ratio']}")
     if anchor:
         print(f"base HellaSwag (full validation, {anchor['n']} items): acc_norm {anchor['acc_norm']:.4f}, acc {anchor['acc']:.4f}")
 

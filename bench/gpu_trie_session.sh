@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # On the H200, after the payload calls of ../shared/tools/gpu-payload.sh (site in /tmp/site with lm-eval and
-# liger-kernel, the GGUF assembled under $COMPRESS_CACHE): the whole default trie at real budgets (params-gpu.yaml),
-# the base's conversion from GGUF included, as N processes sharing the GPU with a memory cap each.
-#   setsid nohup bash bench/gpu_trie_session.sh /tmp/s2 8 0.11 > /tmp/s2.log 2>&1 &      # then poll for /tmp/s2/DONE
+# liger-kernel, the GGUF assembled under $COMPRESS_CACHE): the whole default trie at real budgets (params-gpu.yaml)
+# as N worker processes sharing the GPU with a memory cap each; the base's conversion from GGUF is the base build
+# job (on a fresh machine, so inside the wall time). MPS=1: through an MPS server of our own (pipe and log dirs
+# under /tmp, stopped at the end), so the workers' kernels run side by side instead of taking turns.
+#   bash bench/gpu_trie_session.sh /tmp/s2 8 0.11            # results in /tmp/s2/trie, wall time in /tmp/s2/wall.txt
 set -u
 R=${1:-/tmp/s2}
 PROCS=${2:-8}
 FRAC=${3:-0.11}
+LIMIT=${LIMIT:-540}
 mkdir -p "$R"
 export PYTHONPATH=/tmp/site COMPRESS_CACHE=${COMPRESS_CACHE:-/tmp/cc}
+MPS_ON=0
+if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    nvidia-cuda-mps-control -d && MPS_ON=1
+fi
 T0=$(date +%s.%N)
-# the base's conversion from GGUF, once per machine (cached by content under COMPRESS_CACHE, reused by every checkout)
-python3 -c "import time, torch; t = time.perf_counter(); from pipeline.models import default_hf_dir; \
-default_hf_dir(torch.bfloat16); print(f'convert {time.perf_counter() - t:.1f} s')" > "$R/convert.log" 2>&1
-T1=$(date +%s.%N)
-timeout 500 python3 bench/gpu_trie.py --params params-gpu.yaml --root /tmp/runs/gpu --out "$R/trie" --procs "$PROCS" \
+timeout "$LIMIT" python3 bench/gpu_trie.py --params params-gpu.yaml --root /tmp/runs/gpu --out "$R/trie" --procs "$PROCS" \
     --mem-fraction "$FRAC" --no-anchor > "$R/trie.log" 2>&1
-T2=$(date +%s.%N)
-python3 -c "import sys; a, b, c = map(float, sys.argv[1:]); print(f'convert_s {b - a:.1f} trie_s {c - b:.1f} total_s {c - a:.1f}')" \
-    "$T0" "$T1" "$T2" > "$R/wall.txt"
+T1=$(date +%s.%N)
+[ "$MPS_ON" = 1 ] && echo quit | nvidia-cuda-mps-control
+python3 -c "import sys; a, b = map(float, sys.argv[1:3]); print(f'trie_s {b - a:.1f} procs {sys.argv[3]} mps {sys.argv[4]}')" \
+    "$T0" "$T1" "$PROCS" "$MPS_ON" > "$R/wall.txt"
 touch "$R/DONE"

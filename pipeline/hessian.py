@@ -133,12 +133,13 @@ def input_groups(lm: LM, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> li
 
 @torch.no_grad()
 def sequential(lm: LM, calib: list[torch.Tensor], make: Callable[[nn.Linear], Hessian],
-               solve: Callable[[str, Hessian], None], desc: str, true_sequential: bool = False) -> None:
+               solve: Callable[[dict[str, Hessian]], None], desc: str, true_sequential: bool = False) -> None:
     """Per decoder layer: a pass over the calibration inputs fills a Hessian per base linear (`make`), `solve`
-    compresses each in place (name = `<layer index>.<path in the layer>`), then the inputs go through the compressed
-    layer to become the next layer's. By default all linears of a layer come from one pass (the reference code's
-    default); true_sequential: one pass per input group (input_groups), so o_proj's Hessian is of the outputs of the
-    already-compressed q / k / v, down_proj's of the compressed gate / up (GPTQModel's default)."""
+    compresses them in place (name -> Hessian, name = `<layer index>.<path in the layer>`), then the inputs go through
+    the compressed layer to become the next layer's. By default all linears of a layer come from one pass (the
+    reference code's default) and `solve` gets one linear at a time; true_sequential: one pass per input group
+    (input_groups), so o_proj's Hessian is of the outputs of the already-compressed q / k / v, down_proj's of the
+    compressed gate / up (GPTQModel's default), and `solve` gets each group whole (its Hessians are equal)."""
     inputs = layer_inputs(lm, calib)
     for i, layer in enumerate(tqdm(decoder_layers(lm.base), desc=desc, unit="layer")):
         linears = linears_of(layer)
@@ -153,6 +154,9 @@ def sequential(lm: LM, calib: list[torch.Tensor], make: Callable[[nn.Linear], He
             finally:
                 for h in handles:
                     h.remove()
-            for name, solver in solvers.items():
-                solve(name, solver)
+            if true_sequential:
+                solve(solvers)
+            else:
+                for name, solver in solvers.items():
+                    solve({name: solver})
         inputs = [(run_layer(lm, layer, hidden, kw), kw) for hidden, kw in inputs]  # through the compressed layer

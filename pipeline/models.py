@@ -1,6 +1,7 @@
 """Load and save models: the embedded default model, artifacts (base weights + PEFT parts), tiny test models."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import subprocess
@@ -247,6 +248,23 @@ def source_fingerprint(cfg: ModelCfg) -> str:
     return artifact.content_fingerprint(files)
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF in Python three times (config, tokenizer, weights) and rebuilds gguf's tensor-name
+    map once per module (~400 times): ~30 of the conversion's ~37 s. Within the conversion, the gguf package hands
+    out one reader per file and one map per (arch, layers); both are only read."""
+    import gguf
+
+    saved = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
+    for name, fn in saved.items():
+        setattr(gguf, name, functools.lru_cache(maxsize=None)(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(gguf, name, fn)
+
+
 def default_hf_dir(dtype: torch.dtype) -> Path:
     """The default model converted once from GGUF to an HF safetensors dir, cached by what determines its content
     (package, dtype, transformers version) and reused by every checkout: the conversion takes ~30 s."""
@@ -259,8 +277,10 @@ def default_hf_dir(dtype: torch.dtype) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = fetch_default_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, trust_remote_code=False)
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                     trust_remote_code=False)
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop its quant config
         model.hf_quantizer.remove_quantization_config(model)
     with artifact.atomic_dir(dest) as tmp:
@@ -353,13 +373,13 @@ def load_base(weights: Path, fmt: str, cfg: ModelCfg, device: torch.device,
 
 
 def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: torch.dtype | None = None,
-            seed: int | None = None) -> LM:
+            seed: int | None = None, parts: bool = True) -> LM:
     """An artifact as an LM: its base weights (its own or a referenced ancestor's), LoRA, adapters, prompt.
 
     Both the artifact and the one holding its weights are verified against their manifests first (a corrupt or
     partial artifact fails here, naming the file). dequantize_base=True turns an NF4 / GPTQ base into fp weights
     before LoRA is attached (what merge needs); `dtype` overrides the compute dtype (merge folds in fp32);
-    `seed` picks the PEFT parts of another training seed (peft/seeds/<seed>/).
+    `seed` picks the PEFT parts of another training seed (peft/seeds/<seed>/); parts=False: the base alone.
     """
     t0 = time.perf_counter()
     device = device_of(cfg)
@@ -372,7 +392,7 @@ def load_lm(path: Path, cfg: ModelCfg, *, dequantize_base: bool = False, dtype: 
     if dequantize_base and man["format"] in QUANTIZED_FORMATS:
         model = dequantize(model, dtype)
     peft = artifact.peft_dir(path) if seed is None else artifact.seed_dir(path, seed)
-    lm = with_peft(model, tok, peft, device)
+    lm = with_peft(model, tok, peft, device) if parts else LM(model.eval(), tok, None, device)
     LOAD_SECONDS[0] += time.perf_counter() - t0
     return lm
 

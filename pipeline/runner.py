@@ -106,8 +106,11 @@ def _check_parent(params: Params, plan: Plan, node: Node, root: Path) -> Path | 
     return src
 
 
-def run_node(name: str, params: Params, root: Path = Path("."), *, force: bool = False) -> dict:
-    """Build (unless current) and evaluate one node; returns its metrics. Holds the node's lock throughout."""
+def run_node(name: str, params: Params, root: Path = Path("."), *, force: bool = False,
+             evaluate: bool = True) -> dict:
+    """Build (unless current) and evaluate one node; returns its metrics. Holds the node's lock throughout.
+    evaluate=False: build only and return the manifest (a later run_node evaluates it: its status is then
+    NOT_EVALUATED), so a scheduler can start the children while the node is being evaluated elsewhere."""
     plan = build_plan(params)
     if name not in plan.nodes:
         raise KeyError(f"no node '{name}' in the plan; `python -m pipeline plan` lists them")
@@ -117,12 +120,12 @@ def run_node(name: str, params: Params, root: Path = Path("."), *, force: bool =
         src = _check_parent(params, plan, node, root)
         status = artifact_status(params, node, root)
         if status == CACHED and not force:
-            return json.loads(metrics_path(name, root).read_text())
+            return json.loads(metrics_path(name, root).read_text()) if evaluate else artifact.read_manifest(out)
         if status != NOT_EVALUATED or force:
             man = _build(params, node, src, out, root)
         else:  # a complete artifact whose evaluation was interrupted: evaluate only
             man = artifact.read_manifest(out)
-        return _evaluate(params, node, out, man, root)
+        return _evaluate(params, node, out, man, root) if evaluate else man
 
 
 def _build(params: Params, node: Node, src: Path | None, out: Path, root: Path) -> dict:

@@ -1,7 +1,7 @@
 """Our GPTQ pass: the solver beats RTN, stays on its grids and walks as GPTQModel's does (group-aware reordering,
 act-order: the same choices up to float16 scale rounding); true-sequential finds the llama input groups; the
 sequential walk's Hessians are those of the inputs the layers see with LoRA, adapters, soft prompt and prefix active;
-`calibration` picks the pass; a gptq stage over an unmerged PEFT node, and act-order / asymmetric settings, write
+`calibration` picks whether the PEFT parts are active; a gptq stage over an unmerged PEFT node, and act-order / asymmetric settings, write
 checkpoints that load back to exactly the quantized weights."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from conftest import run_project, tiny_params
 from pipeline import artifact, data
 from pipeline.config import ModelCfg, PeftCfg, PtqCfg
-from pipeline.gptq import GPTQ, grid, quantize, walk_order
+from pipeline.gptq import GPTQ, grid, quantize, quantize_together, walk_order
 from pipeline.gptq_format import gptq_config
 from pipeline.hessian import Hessian, input_groups, layer_inputs, linears_of, sequential
 from pipeline.models import LM, load_base, load_lm
@@ -41,6 +41,70 @@ def rtn(w: torch.Tensor, bits: int, gs: int, sym: bool) -> torch.Tensor:
         for c in range(g0, g0 + gs):
             out[:, c] = quantize(w[:, c], scale, zero, bits)[1]
     return out
+
+
+def reference_walk(W: torch.Tensor, H: torch.Tensor, bits: int, gs: int, sym: bool, desc_act: bool,
+                   percdamp: float, blocksize: int) -> torch.Tensor:
+    """The reference's loop as first written here (IST-DASLab/gptq `fasterquant`, grids chosen inside the walk):
+    what the block-graphed walk (grids hoisted before each block) must reproduce exactly."""
+    W = W.clone()
+    columns = W.shape[1]
+    perm, group = walk_order(torch.diag(H), gs, desc_act, not desc_act)
+    W, H = W[:, perm], H[perm][:, perm].clone()
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if (i1 + i) % gs == 0:
+                scale, zero = grid(W[:, i1 + i:i1 + i + gs], bits, sym)
+            w = W1[:, i]
+            Q[:, i1 + i] = quantize(w, scale, zero, bits)[1]
+            err = (w - Q[:, i1 + i]) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("gs,act,blocksize", [(32, False, 128), (64, True, 48), (256, False, 64)],
+                         ids=["g32-gar", "g64-act-odd-blocks", "group-spans-blocks"])
+def test_hoisted_grids_walk_as_the_reference(gs, act, blocksize):
+    """Grids chosen before each block's walk (so the walk can be one CUDA graph) give the reference's weights."""
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 64, bias=False)
+    x = correlated(1024, 256, seed=3)
+    solver = GPTQ(lin)
+    solver.add_batch(x)
+    H = solver.H.clone()
+    expected = reference_walk(lin.weight.detach().float(), H, 4, gs, False, act, 0.01, blocksize)
+    res = solver.quantize(4, gs, False, act, blocksize=blocksize, percdamp=0.01)
+    assert torch.equal(res.weight, expected)
+
+
+def test_linears_sharing_an_input_solve_as_one():
+    """q / k / v (one input, one Hessian) stacked into one walk: each gets exactly what it gets alone."""
+    torch.manual_seed(2)
+    x = correlated(1024, 128, seed=5)
+    shapes = (128, 32, 32)
+    lins = [nn.Linear(128, rows, bias=False) for rows in shapes]
+    alone = []
+    for lin in lins:
+        solo = nn.Linear(128, lin.out_features, bias=False)
+        solo.weight.data.copy_(lin.weight.data)
+        s = GPTQ(solo)
+        s.add_batch(x)
+        alone.append(s.quantize(4, 32, False, False, percdamp=0.01))
+    solvers = [GPTQ(lin) for lin in lins]
+    for s in solvers:
+        s.add_batch(x)
+    together = quantize_together(solvers, 4, 32, False, False, percdamp=0.01)
+    for lin, a, t in zip(lins, alone, together):
+        assert t.weight.shape == (lin.out_features, 128) and torch.equal(lin.weight, t.weight)
+        for field in ("weight", "codes", "scales", "zeros", "g_idx"):
+            torch.testing.assert_close(getattr(t, field), getattr(a, field), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits,group,sym,act", [(4, 32, True, False), (3, -1, False, True), (2, 64, False, False),
@@ -148,7 +212,7 @@ def test_sequential_hessians_see_every_peft_part(tiny_model, peft_lm, true_seque
     lm, tok = peft_lm, peft_lm.tokenizer
     calib = [torch.randint(0, len(tok), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     seen: dict[str, torch.Tensor] = {}
-    sequential(lm, calib, Hessian, lambda name, h: seen.__setitem__(name, h.H.clone()), "hessians", true_sequential)
+    sequential(lm, calib, Hessian, lambda group: seen.update({n: h.H.clone() for n, h in group.items()}), "hessians", true_sequential)
     expected = deployed_hessians(lm, calib)
     assert set(seen) == set(expected) and any("base_layer" in n for n in seen)  # LoRA's base layers, not lora_A / B
     for name in seen:
@@ -174,15 +238,15 @@ def ptq(**kw) -> PtqCfg:
     return PtqCfg(kind="ptq", method="gptq", **{"calibration": "peft", **kw})
 
 
-def test_calibration_picks_the_pass(hybrid_node, tmp_path, monkeypatch):
-    """`peft` runs ours on a node with PEFT parts; `base`, and any bare base, GPTQModel's."""
+def test_calibration_picks_the_parts(hybrid_node, tmp_path, monkeypatch):
+    """`peft` calibrates with the node's PEFT parts active, `base` without them; both by our pass."""
     params, base, hybrid = hybrid_node
     ran = []
-    monkeypatch.setattr(q, "gptq_own", lambda *a, **k: ran.append("own"))
-    monkeypatch.setattr(q, "gptqmodel", lambda *a: ran.append("gptqmodel"))
+    monkeypatch.setattr(q, "gptq_own", lambda *a, **k: ran.append(k["parts"]))
     for src, calibration in [(hybrid, "peft"), (hybrid, "base"), (base, "peft")]:
         q.gptq(src, ptq(calibration=calibration), tmp_path, params)
-    assert ran == ["own", "gptqmodel", "gptqmodel"]
+    assert ran == [True, False, True]
+    assert load_lm(hybrid, params.model).hybrid is not None and load_lm(hybrid, params.model, parts=False).hybrid is None
 
 
 @pytest.mark.integration  # ~45 s on 2 cores: a stage with its reload check, then two more passes

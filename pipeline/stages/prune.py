@@ -67,7 +67,7 @@ def prune_mask(score: torch.Tensor, sparsity: float, pattern: str) -> torch.Tens
 def sparsegpt(lm: LM, cfg: PruneCfg, calib: list[torch.Tensor]) -> None:
     """SparseGPT, sequential as in the paper: each decoder layer's Hessians come from calibration inputs that went
     through the already-pruned earlier layers; all linears of a layer are pruned from one pass (the reference code)."""
-    sequential(lm, calib, SparseGPT, lambda _name, s: s.prune(cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp),
+    sequential(lm, calib, SparseGPT, lambda group: [s.prune(cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp) for s in group.values()],
                f"sparsegpt {cfg.pattern}")
 
 

@@ -9,12 +9,13 @@ RTN uses GPTQModel's own weight-only path (`QuantizeConfig(weight_only={"method"
 calibration, no Hessian, the same quantizer grid and the same GPTQ packing, so an RTN checkpoint loads exactly like a
 GPTQ one and the two differ only in how the integers were chosen (the comparison RTN is the floor for).
 
-GPTQ on a node with PEFT parts (`calibration: peft`) runs our own pass (pipeline/gptq.py through pipeline/hessian.py's
-sequential walk): GPTQModel materialises each decoder layer from a meta "shell" model in its layer loop, so hooks
-carrying LoRA, adapters, soft prompt or prefix never fire there and it can only calibrate on the base alone. Ours
-walks as GPTQModel 7.6 does (true-sequential input groups, group-aware reordering), calibrates on the inputs the
-layers see with the PEFT parts active and packs through GPTQModel's packer (pipeline/gptq_format.py), so the
-checkpoint is the same standard format. A bare base, and `calibration: base`, take GPTQModel's pass.
+GPTQ runs our own pass (pipeline/gptq.py through pipeline/hessian.py's sequential walk): GPTQModel materialises each
+decoder layer from a meta "shell" model in its layer loop, so hooks carrying LoRA, adapters, soft prompt or prefix
+never fire there and it can only calibrate on the base alone. Ours walks as GPTQModel 7.6 does (true-sequential input
+groups, group-aware reordering), calibrates on the inputs the layers see with the PEFT parts active (`calibration:
+peft`) or on the base alone (`base`), and packs through GPTQModel's packer (pipeline/gptq_format.py), so the checkpoint
+is the same standard format. On a GPU it replays each block's column walk as a CUDA graph: GPTQModel's pass is
+launch-bound there, and its first use in a process JIT-builds a CUDA extension (bench/results/README.md).
 
 Every method returns the model "right after quantization" (for GPTQ / RTN: an fp model holding the dequantized
 integers that were packed; for GPTQModel's, converted first, because its in-process modules keep the v1 zero-point
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ from torch import nn
 from .. import artifact, data, gptq_format
 from ..adapters import Hybrid
 from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
-from ..gptq import GPTQ, Quantized
+from ..gptq import GPTQ, Quantized, quantize_together
 from ..gptq_format import gptq_config
 from ..hessian import sequential
 from ..hybrid_loader import EMBED_INT8
@@ -139,18 +141,22 @@ def gptq_pass(lm: LM, cfg: QuantMethodCfg, calib: list[torch.Tensor], true_seque
     true_sequential / group_aware: GPTQModel's defaults (hessian.sequential, gptq.walk_order); off for ablations."""
     found: dict[nn.Module, Quantized] = {}
 
-    def solve(_name: str, solver: GPTQ) -> None:
-        found[solver.layer] = solver.quantize(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act,
-                                              percdamp=cfg.damp_percent, group_aware=group_aware)
+    def solve(group: dict[str, GPTQ]) -> None:
+        solvers = list(group.values())
+        done = quantize_together(solvers, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act,
+                                 percdamp=cfg.damp_percent, group_aware=group_aware)
+        found.update({s.layer: q for s, q in zip(solvers, done)})
 
     sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit", true_sequential)
     return {n.replace(".base_layer", ""): found[m] for n, m in lm.base.named_modules() if m in found}
 
 
-def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params, **walk: bool) -> nn.Module:
+def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params, parts: bool = True,
+             **walk: bool) -> nn.Module:
     """GPTQ by our own pass (pipeline/gptq.py), calibrated on the inputs the layers see with the source node's PEFT
-    parts active; packed and saved in the GPTQ checkpoint format by GPTQModel's packer. walk: gptq_pass's options."""
-    lm = load_lm(src, params.model)
+    parts active (parts=False: the base alone); packed and saved in the GPTQ checkpoint format by GPTQModel's packer.
+    walk: gptq_pass's options."""
+    lm = load_lm(src, params.model, parts=parts)
     quantized = gptq_pass(lm, cfg, data.calibration(lm.tokenizer, params.data.calibration, params.seed), **walk)
     reference = _fp_holding(artifact.weights_dir(src), {n: q.weight for n, q in quantized.items()}, params)
     gptq_format.save(reference, quantized, cfg, lm.tokenizer, out, dtype_of(params.model, device_of(params.model)), **walk)
@@ -164,13 +170,9 @@ def has_peft(src: Path) -> bool:
 
 
 def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
-    """GPTQ: on a node with PEFT parts, `calibration: peft` runs our own pass so the Hessians see the inputs the
-    layers see in deployment (the parts active), `base` GPTQModel's on the base alone; a bare base takes GPTQModel's
-    (ours walks as it does and measures on par within noise, but not better, and slower: bench/results/README.md,
-    gptq_own)."""
-    if cfg.calibration == "peft" and has_peft(src):
-        return gptq_own(src, cfg, out, params, true_sequential=cfg.true_sequential)
-    return gptqmodel(src, cfg, out, params)
+    """GPTQ by our own pass; `calibration: peft` calibrates with the node's PEFT parts active, `base` on the base
+    alone (the same on a bare base)."""
+    return gptq_own(src, cfg, out, params, parts=cfg.calibration == "peft", true_sequential=cfg.true_sequential)
 
 
 METHODS = {"nf4": bnb, "int8": bnb, "gptq": gptq, "rtn": gptqmodel}
@@ -249,9 +251,11 @@ def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     stage; adapters / prompt / prefix after a merge) are copied beside the quantized base and stay fp32. GPTQ's
     calibration on such a node follows cfg.calibration (see gptq())."""
     fmt = storage_format(cfg)
+    t0 = time.perf_counter()
     reference = METHODS[cfg.method](src, cfg, out, params)
     if cfg.embeddings == "int8":
         store_int8_embedding(reference, out)
+    t1 = time.perf_counter()
     err = roundtrip_error(reference, out, fmt, params)
     if not err["weights_max_abs_diff"] == 0:  # `not ==` also catches NaN
         raise RuntimeError(f"quantize {cfg.method}: the saved checkpoint's weights are up to "
@@ -260,7 +264,8 @@ def quantize(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> dict:
     peft = artifact.peft_dir(src)
     if peft.is_dir():
         shutil.copytree(peft, artifact.peft_dir(out), ignore=shutil.ignore_patterns("seeds"))
-    return {"format": fmt, "weights": ".", "roundtrip": err}
+    seconds = {"quantize_and_save": round(t1 - t0, 2), "roundtrip_check": round(time.perf_counter() - t1, 2)}
+    return {"format": fmt, "weights": ".", "roundtrip": err, "seconds": seconds}
 
 
 def run(src: Path, cfg: QuantizeCfg, out: Path, params: Params) -> dict:
