@@ -197,8 +197,9 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
         (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
 
 
-def spawn(args, nodes: list[str]) -> list[Path]:
-    """N worker processes sharing the GPU, each running `work`; returns their folders."""
+def spawn(args, nodes: list[str], check_plan) -> list[Path]:
+    """N worker processes sharing the GPU, each running `work`; returns their folders. The plan's checks (~15 s:
+    they import GPTQModel) run here while the workers start and convert the base; a failed check stops them."""
     n = int(args.procs)  # checked in main()
     threads = max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTQMODEL_CPU_WORKERS": str(max(2, threads))}
@@ -212,6 +213,12 @@ def spawn(args, nodes: list[str]) -> list[Path]:
         procs.append(subprocess.Popen([sys.executable, __file__, "--params", args.params, "--root", args.root,
                                        "--out", str(d), "--worker", "--nodes", *nodes], stdout=log, stderr=log, env=env))
         dirs.append(d)
+    try:
+        check_plan()
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
     for d, p in zip(dirs, procs):
         if p.wait():
             print(f"{d}: exit {p.returncode}; log tail:\n{(d / 'log.txt').read_text()[-2000:]}", flush=True)
@@ -239,7 +246,6 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(float(os.environ["GPU_TRIE_MEM_FRACTION"]))
     params = load_params(args.params)
     plan = build_plan(params)
-    check(params, plan)
     root = Path(args.root)
     out = Path(args.out) if args.out else root
     out.mkdir(parents=True, exist_ok=True)
@@ -258,12 +264,12 @@ def main() -> None:
     (root / "procs" / "claims").mkdir(parents=True)
     t_start = time.time() - (time.perf_counter() - T_START)  # this process's own start: imports included
     if int(args.procs) == 1:
-        args.worker = True
+        check(params, plan)
         T_WORKER_READY[0] = time.time()
         work(args, params, plan, root, nodes, out)
         dirs = [out]
     else:
-        dirs = spawn(args, nodes)
+        dirs = spawn(args, nodes, lambda: check(params, plan))
     rows: dict[str, dict] = {}
     starts = {}
     for d in dirs:  # a worker's rows (a node's build and its evaluation may come from two workers)

@@ -61,10 +61,28 @@ class _Captured(Exception):
     """Raised by the pre-hook on the first decoder layer once it holds that layer's inputs."""
 
 
+BATCH_TOKENS = 16384  # calibration samples of one length go through the layers stacked, up to this many tokens
+
+
+def batched(calib: list[torch.Tensor], tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
+    """Consecutive samples of one length stacked into batches of at most `tokens` tokens: 128 x 2048 calibration
+    tokens as 128 one-sample forwards per layer and pass kept a GPU launch-bound (each sample is causal on its own,
+    and the Hessians sum over tokens, so stacking changes nothing but float summation order)."""
+    out: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    for ids in calib:
+        if run and (ids.shape[1:] != run[0].shape[1:] or sum(r.numel() for r in run) + ids.numel() > tokens):
+            out.append(torch.cat(run))
+            run = []
+        run.append(ids)
+    return out + ([torch.cat(run)] if run else [])
+
+
 @torch.no_grad()
 def layer_inputs(lm: LM, calib: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, keyword args) entering the first decoder layer, per calibration sample: the model runs only
-    up to that layer (embeddings, soft prompt, rotary embeddings and mask built by the model's own code)."""
+    """(hidden states, keyword args) entering the first decoder layer, per batch of calibration samples (`batched`):
+    the model runs only up to that layer (embeddings, soft prompt, rotary embeddings and mask built by the model's
+    own code)."""
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def grab(_m, args, kwargs):
@@ -74,7 +92,7 @@ def layer_inputs(lm: LM, calib: list[torch.Tensor]) -> list[tuple[torch.Tensor, 
 
     handle = decoder_layers(lm.base)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for ids in calib:
+        for ids in batched(calib):
             try:
                 lm.logits(ids)
             except _Captured:
@@ -135,17 +153,17 @@ def input_groups(lm: LM, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> li
 def sequential(lm: LM, calib: list[torch.Tensor], make: Callable[[nn.Linear], Hessian],
                solve: Callable[[dict[str, Hessian]], None], desc: str, true_sequential: bool = False) -> None:
     """Per decoder layer: a pass over the calibration inputs fills a Hessian per base linear (`make`), `solve`
-    compresses them in place (name -> Hessian, name = `<layer index>.<path in the layer>`), then the inputs go through
-    the compressed layer to become the next layer's. By default all linears of a layer come from one pass (the
-    reference code's default) and `solve` gets one linear at a time; true_sequential: one pass per input group
-    (input_groups), so o_proj's Hessian is of the outputs of the already-compressed q / k / v, down_proj's of the
-    compressed gate / up (GPTQModel's default), and `solve` gets each group whole (its Hessians are equal)."""
+    compresses them in place, one input group at a time (name -> Hessian, name = `<layer index>.<path in the layer>`;
+    the linears of a group read one same input, so their Hessians are equal), then the inputs go through the
+    compressed layer to become the next layer's. By default all linears of a layer come from one pass (the reference
+    code's default); true_sequential: one pass per input group (input_groups), so o_proj's Hessian is of the outputs
+    of the already-compressed q / k / v, down_proj's of the compressed gate / up (GPTQModel's default)."""
     inputs = layer_inputs(lm, calib)
     for i, layer in enumerate(tqdm(decoder_layers(lm.base), desc=desc, unit="layer")):
         linears = linears_of(layer)
-        groups = input_groups(lm, layer, *inputs[0]) if true_sequential else [list(linears)]
-        for group in groups:
-            solvers = {f"{i}.{n}": make(linears[n]) for n in group}
+        groups = input_groups(lm, layer, *inputs[0])
+        for passed in groups if true_sequential else [[n for g in groups for n in g]]:
+            solvers = {f"{i}.{n}": make(linears[n]) for n in passed}
             handles = [s.layer.register_forward_hook(lambda _m, inp, _out, s=s: s.add_batch(inp[0]))
                        for s in solvers.values()]
             try:
@@ -154,9 +172,7 @@ def sequential(lm: LM, calib: list[torch.Tensor], make: Callable[[nn.Linear], He
             finally:
                 for h in handles:
                     h.remove()
-            if true_sequential:
-                solve(solvers)
-            else:
-                for name, solver in solvers.items():
-                    solve({name: solver})
+            for group in groups:
+                if group[0] in passed:
+                    solve({f"{i}.{n}": solvers[f"{i}.{n}"] for n in group})
         inputs = [(run_layer(lm, layer, hidden, kw), kw) for hidden, kw in inputs]  # through the compressed layer
