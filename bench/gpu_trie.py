@@ -16,6 +16,7 @@ pareto.png) beside it. Prints a short table last.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -103,10 +104,25 @@ class Jobs:
     creating its claim file (O_EXCL: exactly one worker gets it), done when its .done file appears, failed when its
     .failed file does (then every job that needs it fails too)."""
 
-    def __init__(self, params, plan, root: Path, nodes: list[str]):
+    def __init__(self, params, plan, root: Path, nodes: list[str], max_trainings: int = 0):
         self.plan, self.root, self.dir = plan, root, root / "procs" / "claims"
         self.prio = priorities(params, plan)
         self.jobs = sorted(((k, n) for n in nodes for k in ("build", "eval")), key=lambda j: -self.prio[j])
+        self.trainings = [("build", n) for n in nodes  # highest priority first, as self.jobs
+                          if plan.nodes[n].config and params.stages[plan.nodes[n].config].kind == "peft"]
+        self.trainings.sort(key=lambda j: -self.prio[j])
+        self.max_trainings = max_trainings
+
+    def may_start(self, job: tuple[str, str]) -> bool:
+        """At most max_trainings PEFT builds at once, counting a slot for every not-yet-started training of higher
+        priority: trainings share the GPU's throughput, so the critical chain's finishes sooner beside fewer."""
+        if not self.max_trainings or job not in self.trainings:
+            return True
+        running = sum(self._file(j).exists() and not self._file(j, ".done").exists()
+                      and not self._file(j, ".failed").exists() for j in self.trainings)
+        ahead = self.trainings[:self.trainings.index(job)]
+        reserved = sum(not self._file(j).exists() for j in ahead)
+        return running + reserved < self.max_trainings
 
     def _file(self, job: tuple[str, str], suffix: str = "") -> Path:
         return self.dir / f"{job[0]}-{job[1]}{suffix}"
@@ -137,7 +153,7 @@ class Jobs:
             state = self.state(job)
             if state == "failed" and not self._file(job).exists() and self.claim(job):
                 self._file(job, ".failed").touch()  # what it needs failed: nobody will run it
-            elif state == "ready" and self.claim(job):
+            elif state == "ready" and self.may_start(job) and self.claim(job):
                 return job
             left = left or state in ("ready", "waiting")
         return None if left else False
@@ -160,7 +176,7 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
     """One worker: take the ready job of the highest priority, run it, repeat until none is left. Writes each job's
     timings to <out>/gpu_trie.partial.json as it goes, its start + imports to <out>/ready.txt."""
     (out / "ready.txt").write_text(json.dumps({"start_imports_s": round(T_IMPORTS, 2), "ready_at": T_WORKER_READY[0]}))
-    jobs = Jobs(params, plan, root, nodes)
+    jobs = Jobs(params, plan, root, nodes, args.max_trainings)
     rows: dict[str, dict] = {}
     while (job := jobs.take()) is not False:
         if job is None:
@@ -195,6 +211,10 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
                         "ppl": result["ppl"]})
             print(f"eval {name}: {wall:.1f} s, ppl {result['ppl']}", flush=True)
         (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
+        del result
+        gc.collect()
+        if torch.cuda.is_available():  # hand the job's cached blocks back: the next job may need them (memory cap)
+            torch.cuda.empty_cache()
 
 
 def spawn(args, nodes: list[str], check_plan) -> list[Path]:
@@ -211,7 +231,8 @@ def spawn(args, nodes: list[str], check_plan) -> list[Path]:
         d.mkdir(parents=True, exist_ok=True)
         log = open(d / "log.txt", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, "--params", args.params, "--root", args.root,
-                                       "--out", str(d), "--worker", "--nodes", *nodes], stdout=log, stderr=log, env=env))
+                                       "--out", str(d), "--worker", "--max-trainings", str(args.max_trainings),
+                                       "--nodes", *nodes], stdout=log, stderr=log, env=env))
         dirs.append(d)
     try:
         check_plan()
@@ -236,6 +257,8 @@ def main() -> None:
     ap.add_argument("--procs", default="1", metavar="N", help="worker processes sharing the GPU (default 1: this one)")
     ap.add_argument("--mem-fraction", type=float, default=None,
                     help="with --procs: each process's cap on the GPU's memory (torch.cuda.set_per_process_memory_fraction)")
+    ap.add_argument("--max-trainings", type=int, default=4,
+                    help="PEFT builds at once, slots kept for the higher-priority ones (0: no limit; default 4)")
     ap.add_argument("--no-anchor", action="store_true", help="skip the full-HellaSwag anchor of the base")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process spawned by --procs N
     args = ap.parse_args()

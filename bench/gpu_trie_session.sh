@@ -12,6 +12,9 @@ FRAC=${3:-0.11}
 LIMIT=${LIMIT:-540}
 mkdir -p "$R"
 export PYTHONPATH=/tmp/site COMPRESS_CACHE=${COMPRESS_CACHE:-/tmp/cc}
+# GPTQModel's packer JIT-builds a C++ extension on its first use on a machine (~90 s of every GPTQ node here, the
+# processes waiting on one build); its vectorized torch path packs a layer in milliseconds
+export GPTQMODEL_DISABLE_PACK_EXT=1
 MPS_ON=0
 if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
