@@ -49,6 +49,9 @@ def pack(linear: nn.Linear, q: Quantized, cfg: QuantMethodCfg, name: str) -> nn.
                            in_features=linear.in_features, out_features=linear.out_features,
                            bias=linear.bias is not None, pack_dtype=torch.int32)
     mod.pack_block(src, q.scales.cpu(), q.zeros.cpu().to(torch.int32), q.g_idx.cpu())
+    # post_init would torch.compile the module's dequantizer (inductor, per shape: 22 s for the first on a fresh
+    # cache here, ~1.5 s each after; ~60 s of every GPTQ node on the H200's fresh machine), for one call below
+    mod.optimized = True
     mod.post_init()
     if not torch.equal(mod.dequantize_weight().T.float(), q.weight.cpu()):
         raise RuntimeError(f"GPTQ packing: {name} does not unpack to the quantized weights")

@@ -116,10 +116,10 @@ class HarnessLM(TemplateLM):
             ids = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right-padded (longest first)
             for row, inp in enumerate(batch):
                 ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-            logits = self.lm.logits(ids)  # soft prompt in, its positions out: [batch, width, vocab]
             # the logits that predict each continuation's tokens (the last len(cont) real positions of its row),
-            # scored for the whole batch at once: one log-softmax over those rows and one transfer back (a
-            # log-softmax and two syncs per request cost more than the forward on GPU)
+            # scored for the whole batch at once: the lm_head only on the columns some row needs, one log-softmax
+            # over those rows and one transfer back (a log-softmax and two syncs per request cost more than the
+            # forward on GPU)
             rows, cols, targets, spans = [], [], [], []
             for row, inp in enumerate(batch):
                 for i in groups[inp]:
@@ -128,8 +128,12 @@ class HarnessLM(TemplateLM):
                     rows += [row] * len(cont)
                     cols += range(len(inp) - len(cont), len(inp))
                     targets += cont
-            dev = logits.device
-            logp = F.log_softmax(logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)].float(), dim=-1)
+            keep = sorted(set(cols))
+            at = {c: k for k, c in enumerate(keep)}
+            dev = self.lm.device
+            logits = self.lm.logits(ids, torch.tensor(keep, device=dev))  # [batch, len(keep), vocab]
+            logp = F.log_softmax(logits[torch.tensor(rows, device=dev),
+                                        torch.tensor([at[c] for c in cols], device=dev)].float(), dim=-1)
             target = torch.tensor(targets, dtype=torch.long, device=dev)
             token_ll = logp.gather(-1, target[:, None])[:, 0].cpu()
             greedy = (logp.argmax(-1) == target).cpu()

@@ -225,6 +225,19 @@ def test_batched_loglikelihood_equals_one_request_at_a_time(tiny_model, requests
     assert [b[1] for b in batched] == [s[1] for s in single]
 
 
+@pytest.mark.parametrize("methods", [[], ["lora", "adapter", "prompt"], ["prefix"]], ids=["plain", "prompt", "prefix"])
+def test_logits_at_positions_are_those_columns_of_the_full_logits(tiny_model, methods):
+    """LM.logits(ids, positions) runs the lm_head on those columns only (what zero-shot scoring asks for), and gives
+    exactly those columns of the full logits, behind a soft prompt or a prefix as on a plain model."""
+    lm = _lm(tiny_model, methods, randomize=bool(methods))
+    ids = torch.randint(0, 200, (3, 17), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([0, 5, 11, 16])
+    with torch.no_grad():
+        full, some = lm.logits(ids), lm.logits(ids, positions)
+    assert some.shape == (3, 4, full.shape[-1])
+    torch.testing.assert_close(some, full[:, positions], rtol=1e-5, atol=1e-5)
+
+
 def test_plain_model_scores_as_lm_evals_own_hf_model(tiny_model, requests_):
     """On a model without PEFT parts the wrapper gives what lm-eval's HFLM gives: same tokenization, same split of
     context and continuation, same logits, same greedy flags."""
