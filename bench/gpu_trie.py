@@ -107,6 +107,7 @@ class Jobs:
     def __init__(self, params, plan, root: Path, nodes: list[str], max_trainings: int = 0):
         self.plan, self.root, self.dir = plan, root, root / "procs" / "claims"
         self.prio = priorities(params, plan)
+        self.nodes = set(nodes)
         self.jobs = sorted(((k, n) for n in nodes for k in ("build", "eval")), key=lambda j: -self.prio[j])
         self.trainings = [("build", n) for n in nodes  # highest priority first, as self.jobs
                           if plan.nodes[n].config and params.stages[plan.nodes[n].config].kind == "peft"]
@@ -140,7 +141,7 @@ class Jobs:
             if self._file(job, suffix).exists():
                 return state
         need = self.needs(job)
-        if need is None or (need[1] not in {n for _, n in self.jobs} and
+        if need is None or (need[1] not in self.nodes and
                             (artifact_path(need[1], self.root) / "artifact.json").is_file()):
             return "ready"  # (a parent outside --nodes counts as built if its artifact is there)
         return {"done": "ready", "failed": "failed"}.get(self.state(need), "waiting")

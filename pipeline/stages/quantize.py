@@ -37,7 +37,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import artifact, data, gptq_format
-from ..adapters import Hybrid
 from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
 from ..gptq import GPTQ, Quantized, quantize_together
 from ..gptq_format import gptq_config
@@ -105,8 +104,8 @@ def _dequantized_copy(qmodel: nn.Module, weights: Path, qcfg, params: Params) ->
 
 
 def gptqmodel(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
-    """GPTQ (calibrated on the base alone: see gptq_own) or RTN (weight-only) through GPTQModel, saved in the GPTQ
-    checkpoint format."""
+    """RTN (weight-only; the `rtn` method), or GPTQ by GPTQModel's own pass on the base alone (what bench/gptq_own.py
+    compares our pass against), through GPTQModel, saved in the GPTQ checkpoint format."""
     weights = artifact.weights_dir(src)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))
     from gptqmodel import GPTQModel
@@ -161,12 +160,6 @@ def gptq_own(src: Path, cfg: QuantMethodCfg, out: Path, params: Params, parts: b
     reference = _fp_holding(artifact.weights_dir(src), {n: q.weight for n, q in quantized.items()}, params)
     gptq_format.save(reference, quantized, cfg, lm.tokenizer, out, dtype_of(params.model, device_of(params.model)), **walk)
     return reference
-
-
-def has_peft(src: Path) -> bool:
-    """Whether the node carries PEFT parts beside its base weights (LoRA, adapters, prompt or prefix, unmerged)."""
-    peft = artifact.peft_dir(src)
-    return (peft / "lora").is_dir() or Hybrid.exists(peft)
 
 
 def gptq(src: Path, cfg: QuantMethodCfg, out: Path, params: Params) -> nn.Module:
