@@ -176,6 +176,15 @@ class Jobs:
         except FileExistsError:
             return False
 
+    def release(self, job: tuple[str, str]) -> bool:
+        """Give a taken job back for one more try (its claim removed); False if it had its retry already."""
+        try:
+            os.close(os.open(self._file(job, ".retried"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        self._file(job).unlink()
+        return True
+
     def finish(self, job: tuple[str, str], ok: bool) -> None:
         self._file(job, ".done" if ok else ".failed").touch()
 
@@ -186,9 +195,11 @@ T_WORKER_READY = [0.0]  # when this process was ready to take jobs (wall clock)
 def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
     """One worker: take the ready job of the highest priority, run it, repeat until none is left. Writes each job's
     timings to <out>/gpu_trie.partial.json as it goes, its start + imports to <out>/ready.txt."""
-    (out / "ready.txt").write_text(json.dumps({"start_imports_s": round(T_IMPORTS, 2), "ready_at": T_WORKER_READY[0]}))
+    partial = out / "gpu_trie.partial.json"
+    if not (out / "ready.txt").exists():  # (a restarted worker keeps its first start and its rows)
+        (out / "ready.txt").write_text(json.dumps({"start_imports_s": round(T_IMPORTS, 2), "ready_at": T_WORKER_READY[0]}))
     jobs = Jobs(params, plan, root, nodes, args.max_trainings)
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
     while (job := jobs.take()) is not False:
         if job is None:
             time.sleep(0.2)
@@ -200,10 +211,23 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
         try:
             result = run_node(name, params, root, force=kind == "build", evaluate=kind == "eval")
         except Exception as exc:  # noqa: BLE001  (recorded; the jobs that need it fail, the others go on)
+            failure = f"{type(exc).__name__}: {exc}"
+            del exc
+            if failure.startswith("OutOfMemoryError") and jobs.release(job):
+                # Out of memory beside 7 others is a matter of timing, and a process that ran out may keep its
+                # memory fragmented (stop 8: one such worker then failed every job it took, in milliseconds). The job
+                # goes back for one more try, and this worker starts over as a fresh process.
+                rows.setdefault(name, {})[f"{kind}_retried_after"] = failure[:300]
+                partial.write_text(json.dumps(rows, indent=1))
+                print(f"{kind} {name}: {failure[:200]}; released for one more try, worker restarting", flush=True)
+                os.execv(sys.executable, [sys.executable, *sys.argv])
             jobs.finish(job, ok=False)
-            rows.setdefault(name, {})[f"{kind}_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"{kind} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
-            (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
+            rows.setdefault(name, {})[f"{kind}_error"] = failure
+            print(f"{kind} {name}: FAILED {failure}", flush=True)
+            partial.write_text(json.dumps(rows, indent=1))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             continue
         sync()
         wall = time.perf_counter() - t0
@@ -221,7 +245,7 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
             row.update({"eval_s": result["eval_seconds"], "eval_parts_s": result.get("eval_parts_seconds"),
                         "ppl": result["ppl"]})
             print(f"eval {name}: {wall:.1f} s, ppl {result['ppl']}", flush=True)
-        (out / "gpu_trie.partial.json").write_text(json.dumps(rows, indent=1))
+        partial.write_text(json.dumps(rows, indent=1))
         del result
         gc.collect()
         if torch.cuda.is_available():  # hand the job's cached blocks back: the next job may need them (memory cap)

@@ -181,6 +181,13 @@ class GraphedWalk:
 _GRAPHS: dict[tuple, GraphedWalk] = {}  # one per (rows, width, bits, device): a pass needs ~5 shapes
 
 
+def release_graphs() -> None:
+    """Free the recorded walks and their memory pools (at the end of a pass: a process may go on to other work)."""
+    for g in _GRAPHS.values():
+        g.graph.reset()
+    _GRAPHS.clear()
+
+
 def walk_block(W1: torch.Tensor, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
                bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Q1, C1, Err1) of one block's walk: on CUDA replayed from a recorded graph, elsewhere eager."""

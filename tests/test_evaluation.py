@@ -65,6 +65,25 @@ def test_batched_windows_equal_one_at_a_time(tiny_model):
     assert np.allclose(one, ref, atol=1e-5)
 
 
+def test_token_nlls_chunked_equals_one_call(monkeypatch):
+    """The evaluation's cross-entropy, a few sequences at a time (bounded memory), equals one call on the whole
+    batch, ignored targets included, whatever the chunk boundaries."""
+    from pipeline.stages import evaluate as ev
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 16, 300, generator=gen).to(torch.bfloat16)
+    targets = torch.randint(0, 300, (7, 16), generator=gen)
+    targets[:, -1] = -100
+    targets[3, :5] = -100
+    ref = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
+                                            ignore_index=-100).view(7, 16)
+    for chunk_tokens in (16, 48, 10_000):  # 1 sequence, 3 (a ragged last chunk), all at once
+        monkeypatch.setattr(ev, "CE_CHUNK_TOKENS", chunk_tokens)
+        got = ev.token_nlls(logits, targets)
+        assert torch.equal(got, ref)
+    assert (got[3, :5] == 0).all() and (got[:, -1] == 0).all()
+
+
 # ---------------------------------------------------------------- bootstrap on known inputs
 def test_ppl_interval_covers_and_shrinks():
     rng = np.random.default_rng(0)

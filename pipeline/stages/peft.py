@@ -183,6 +183,12 @@ class GraphedStep:
         self.opt.step()
         return loss.detach()
 
+    def release(self) -> None:
+        """Free the graph and its memory pool (a worker process trains several nodes one after another)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self.ids = self.loss = None
+
     def __call__(self, ids: torch.Tensor) -> float:
         if self.ids is None:
             self.ids = torch.empty(ids.shape, dtype=ids.dtype, device=self.lm.device)
@@ -282,36 +288,40 @@ def train(lm: LM, params_: list[torch.nn.Parameter], cfg: PeftCfg, source: torch
     graph_step = None
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"train {'+'.join(cfg.methods)}", unit="step")
-    for step in bar:
-        batches = [next(micro) for _ in range(cfg.grad_accum)]
-        n = sum(b.n_targets for b in batches)  # the accumulated batch's targets: each micro-batch's share
-        if graphed:
-            graph_step = graph_step or GraphedStep(lm, opt, params_, n)
-            total = graph_step(batches[0].ids)
-            tokens += batches[0].n_tokens
-        else:
-            total = 0.0
-            for b in batches:
-                loss = lm.loss(b, num_items=n, fused=fused)
-                loss.backward()
-                total += loss.item()
-                tokens += b.n_tokens
-            torch.nn.utils.clip_grad_norm_(params_, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"training loss is {total} at step {step + 1} (diverged, or a corrupt base); "
-                                     f"lower stages.<name>.lr or rebuild the parent node")
-        sched.step()
-        losses.append(total)
-        if on_step is not None:
-            on_step(len(losses))
-        bar.set_postfix(loss=f"{total:.3f}")
-        if every and ((step + 1) % every == 0 or step + 1 == cfg.steps):
-            record(step + 1)
-            if cfg.early_stop_patience and bad >= cfg.early_stop_patience:
-                stopped = step + 1
-                break
+    try:
+        for step in bar:
+            batches = [next(micro) for _ in range(cfg.grad_accum)]
+            n = sum(b.n_targets for b in batches)  # the accumulated batch's targets: each micro-batch's share
+            if graphed:
+                graph_step = graph_step or GraphedStep(lm, opt, params_, n)
+                total = graph_step(batches[0].ids)
+                tokens += batches[0].n_tokens
+            else:
+                total = 0.0
+                for b in batches:
+                    loss = lm.loss(b, num_items=n, fused=fused)
+                    loss.backward()
+                    total += loss.item()
+                    tokens += b.n_tokens
+                torch.nn.utils.clip_grad_norm_(params_, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if not math.isfinite(total):
+                raise FloatingPointError(f"training loss is {total} at step {step + 1} (diverged, or a corrupt base); "
+                                         f"lower stages.<name>.lr or rebuild the parent node")
+            sched.step()
+            losses.append(total)
+            if on_step is not None:
+                on_step(len(losses))
+            bar.set_postfix(loss=f"{total:.3f}")
+            if every and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+                record(step + 1)
+                if cfg.early_stop_patience and bad >= cfg.early_stop_patience:
+                    stopped = step + 1
+                    break
+    finally:  # the recorded step's private memory pool goes now, not whenever the object is collected
+        if graph_step is not None:
+            graph_step.release()
     seconds = time.perf_counter() - t0 - eval_s
     lm.model.eval()
     k = max(1, len(losses) // 5)

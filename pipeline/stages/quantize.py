@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import artifact, data, gptq_format
 from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
-from ..gptq import GPTQ, Quantized, quantize_together
+from ..gptq import GPTQ, Quantized, quantize_together, release_graphs
 from ..gptq_format import gptq_config
 from ..hessian import sequential
 from ..hybrid_loader import EMBED_INT8
@@ -146,7 +146,10 @@ def gptq_pass(lm: LM, cfg: QuantMethodCfg, calib: list[torch.Tensor], true_seque
                                  percdamp=cfg.damp_percent, group_aware=group_aware)
         found.update({s.layer: q for s, q in zip(solvers, done)})
 
-    sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit", true_sequential)
+    try:
+        sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit", true_sequential)
+    finally:
+        release_graphs()
     return {n.replace(".base_layer", ""): found[m] for n, m in lm.base.named_modules() if m in found}
 
 
