@@ -96,7 +96,7 @@ def quantize_together(solvers: list[GPTQ], bits: int, group_size: int = -1, sym:
     H, dead = solvers[0].take("GPTQ")
     for s in solvers[1:]:
         s.take("GPTQ")  # equal by construction (the same inputs); released
-    W[:, dead] = 0
+    W.masked_fill_(dead, 0)  # (a mask index, W[:, dead] = 0, would wait for the GPU)
     gs = group_size if group_size > 0 else columns
     if columns % gs:
         raise ValueError(f"group_size: {group_size} does not divide in_features {columns}; use one that does")

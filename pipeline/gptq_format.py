@@ -41,7 +41,8 @@ def pack(linear: nn.Linear, q: Quantized, cfg: QuantMethodCfg, name: str) -> nn.
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
     from gptqmodel.utils.model import convert_gptq_v2_to_v1_format_module
 
-    src = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    # skip_init: the packer only reads the weights copied in (kaiming init of every linear: 5.5 s of a 1B model)
+    src = nn.utils.skip_init(nn.Linear, linear.in_features, linear.out_features, bias=linear.bias is not None)
     src.weight.copy_(q.weight)
     if linear.bias is not None:
         src.bias.copy_(linear.bias)

@@ -44,7 +44,7 @@ class Hessian:
             raise RuntimeError(f"{what}: no calibration inputs reached this layer")
         H, self.H = self.H, None
         dead = torch.diag(H) == 0
-        H[dead, dead] = 1
+        H.diagonal().masked_fill_(dead, 1)  # (not H[dead, dead] = 1: a mask index waits for the GPU)
         return H, dead
 
     def inverse_cholesky(self, H: torch.Tensor, percdamp: float, what: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ class SparseGPT(Hessian):
         W = self.layer.weight.data.clone().float()
         rows = W.shape[0]
         H, dead = self.take("SparseGPT")
-        W[:, dead] = 0  # inputs never active: prune their weights first
+        W.masked_fill_(dead, 0)  # inputs never active: prune their weights first (no mask index: no GPU wait)
         Hinv = self.inverse_cholesky(H, percdamp, "SparseGPT")
         loss = torch.zeros(rows, device=W.device)
         for i1 in range(0, self.columns, blocksize):
