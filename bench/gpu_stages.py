@@ -207,6 +207,11 @@ def main() -> None:
             res[name]["train"] = again
     env["plain_gptq_s_first"] = round(plain_gptq_s, 2)
     plain_gptq_s = min(plain_gptq_s, plain_gptq())
+    # the stage likewise, twice, the faster kept: its first run in the process pays its own first-use costs (CUDA
+    # graphs, cuBLAS / Triton for the round-trip check): 60.5 s then 47.5 s on the H200 (gptq_profile_before.txt)
+    again = run_node("gptq", params, force=True)["stage_seconds"]
+    env["stage_gptq_runs_s"] = [round(res["gptq"]["stage_seconds"], 2), round(again, 2)]
+    res["gptq"]["stage_seconds"] = min(res["gptq"]["stage_seconds"], again)
     if not args.gptq_only:
         lm: LM = load_lm(artifact_path("base"), params.model)
         stage_fwd = max(timed_forward(lambda b: lm.logits(b), batch, fwd_iters) for _ in range(2))

@@ -37,6 +37,11 @@ class Hessian:
         x = math.sqrt(2 / self.nsamples) * x
         self.H += x.T @ x
 
+    def share(self, other: "Hessian") -> None:
+        """Hold a copy of `other`'s Hessian: a linear reading the same input tensor has the same one (the solvers
+        change H in place, so each gets its own copy)."""
+        self.H, self.nsamples = other.H.clone(), other.nsamples
+
     def take(self, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, dead): the Hessian, released from the solver (one [in, in] matrix per layer adds up on a large
         model), with never-active inputs set to 1 on the diagonal; their weights cannot matter."""
@@ -125,7 +130,7 @@ def linears_of(layer: nn.Module) -> dict[str, nn.Linear]:
 def input_groups(lm: LM, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> list[list[str]]:
     """The layer's base linears in the order its forward calls them, those reading one same input tensor together
     (llama-like: [q, k, v], [o], [gate, up], [down]; GPTQModel's true-sequential subsets, found from one forward
-    instead of a per-architecture table). Linears the forward never calls make a last group."""
+    instead of a per-architecture table). Linears the forward never calls come last, each a group of its own."""
     linears = linears_of(layer)
     calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their memory from being reused meanwhile
     handles = [m.register_forward_pre_hook(lambda _m, inp, n=n: calls.append((n, inp[0]))) for n, m in linears.items()]
@@ -146,7 +151,7 @@ def input_groups(lm: LM, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> li
             groups.append([name])
         prev = x
     missed = [n for n in linears if not any(n in g for g in groups)]
-    return groups + [missed] if missed else groups
+    return groups + [[n] for n in missed]
 
 
 @torch.no_grad()
@@ -164,8 +169,10 @@ def sequential(lm: LM, calib: list[torch.Tensor], make: Callable[[nn.Linear], He
         groups = input_groups(lm, layer, *inputs[0])
         for passed in groups if true_sequential else [[n for g in groups for n in g]]:
             solvers = {f"{i}.{n}": make(linears[n]) for n in passed}
-            handles = [s.layer.register_forward_hook(lambda _m, inp, _out, s=s: s.add_batch(inp[0]))
-                       for s in solvers.values()]
+            # one accumulation per input tensor: the linears of a group (q / k / v, gate / up) read the same one
+            # (GPTQModel's dedup_shared_inputs), the others get a copy of it before their solve
+            readers = [solvers[f"{i}.{g[0]}"] for g in groups if g[0] in passed]
+            handles = [s.layer.register_forward_hook(lambda _m, inp, _out, s=s: s.add_batch(inp[0])) for s in readers]
             try:
                 for hidden, kw in inputs:
                     run_layer(lm, layer, hidden, kw)
@@ -174,5 +181,7 @@ def sequential(lm: LM, calib: list[torch.Tensor], make: Callable[[nn.Linear], He
                     h.remove()
             for group in groups:
                 if group[0] in passed:
+                    for n in group[1:]:
+                        solvers[f"{i}.{n}"].share(solvers[f"{i}.{group[0]}"])
                     solve({f"{i}.{n}": solvers[f"{i}.{n}"] for n in group})
         inputs = [(run_layer(lm, layer, hidden, kw), kw) for hidden, kw in inputs]  # through the compressed layer
