@@ -7,7 +7,8 @@ and the evaluation throughput against a plain HF forward loop at the same batch.
 Each node is two jobs, its build and its evaluation; --procs N worker processes share the GPU and each takes the
 ready job of the highest priority (the build with the longest chain of builds after it first, evaluations last),
 so a node's children start as soon as its artifact is committed, while it is still being evaluated elsewhere, and
-only builds lie on the critical path.
+only builds lie on the critical path. A job that runs out of memory (the GPU is shared) is given back once and its
+worker restarts as a fresh process (a process that ran out may keep its memory fragmented).
 
 Writes <out>/gpu_trie.json (per node: load, stage, eval seconds and when each job ran; the whole trie's wall time
 from this process's start; each worker's start + imports) and copies the report (compare.md, compare.json,
