@@ -4,6 +4,8 @@ joint walk's integers and the joint walk each linear's own.
 
     python bench/gptq_graph.py --out bench/results/gptq_graph.json        # on the H200 (CPU: --layers 1, slow)
 
+Modes: eager, graph (pipeline.gptq.GraphedWalk) and, where Triton and CUDA are, triton (bench/gptq_triton.py).
+
 Shapes: one decoder layer of SmolLM2-135M and of Llama-3.2-1B (random weights, correlated random inputs: the speed of
 the walk does not depend on trained values), 4-bit g64 asym with group-aware reordering, the default gptq4; seconds
 per layer (median of 3) and for the whole model (x its layers). Prints a short table last.
@@ -58,9 +60,19 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def triton_walk_block():
+    """bench/gptq_triton.py's one-kernel walk, or None where Triton or CUDA is missing."""
+    try:
+        import gptq_triton  # noqa: PLC0415  (bench/, on sys.path as the script's folder)
+    except ImportError:
+        return None
+    return gptq_triton.walk_block if torch.cuda.is_available() else None
+
+
 def run(mode: str, rows: list[int], cols: int, x: torch.Tensor, seed: int):
-    """(seconds, results) of one input group's walk: separate (one linear at a time) or joint; graph or eager."""
-    gptq.walk_block = gptq_walk_block if mode.endswith("graph") else eager_walk_block
+    """(seconds, results) of one input group's walk: separate (one linear at a time) or joint; eager, graph (one
+    CUDA graph per block) or triton (one kernel per block)."""
+    gptq.walk_block = {"graph": gptq_walk_block, "triton": triton_walk_block()}.get(mode.split()[-1], eager_walk_block)
     ss = solvers(rows, cols, x, seed)
     sync()
     t0 = time.perf_counter()
@@ -82,7 +94,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    modes = ["separate eager", "joint eager"] + (["joint graph"] if device.type == "cuda" else [])
+    modes = (["separate eager", "joint eager"] + (["joint graph"] if device.type == "cuda" else [])
+             + (["joint triton"] if triton_walk_block() else []))
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "setting": "4-bit g64 asym, GAR, damp 0.05, blocksize 128", "shapes": {}}
     for shape in args.shapes:
@@ -105,9 +118,15 @@ def main() -> None:
             same_graph = "joint graph" not in results or all(
                 torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
                 for a, b in zip(results["joint graph"], results["joint eager"]))
+            same_triton = "joint triton" not in results or all(
+                torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
+                for a, b in zip(results["joint triton"], results["joint eager"]))
+            codes_triton_vs_eager = sum(int((a.codes != b.codes).sum()) for a, b in
+                                        zip(results.get("joint triton", []), results["joint eager"]))
             codes_joint_vs_separate = sum(int((a.codes != b.codes).sum()) for a, b in
                                           zip(results["joint eager"], results["separate eager"]))
             checks.append({"rows": rows, "cols": cols, "graph_equals_eager": same_graph,
+                           "triton_equals_eager": same_triton, "codes_differing_triton_vs_eager": codes_triton_vs_eager,
                            "codes_differing_joint_vs_separate": codes_joint_vs_separate,
                            "codes": sum(r * cols for r in rows)})
         out["shapes"][shape] = {"layers": layers, "per_layer_s": {m: round(v, 4) for m, v in per_mode.items()},
@@ -125,6 +144,8 @@ def main() -> None:
             print(f"{shape:14s} {m:16s} {r['per_layer_s'][m]:8.3f} {r['model_s'][m]:8.1f} "
                   f"{r['speedup_vs_separate_eager'][m]:10.2f}")
         print(f"{shape:14s} checks: " + "; ".join(f"{c['rows']}x{c['cols']}: graph==eager {c['graph_equals_eager']}, "
+                                                  f"triton==eager {c['triton_equals_eager']} "
+                                                  f"({c['codes_differing_triton_vs_eager']} codes differ), "
                                                   f"codes joint!=separate {c['codes_differing_joint_vs_separate']}"
                                                   f"/{c['codes']}" for c in r["checks"]))
 

@@ -1,0 +1,65 @@
+"""GPTQ's column walk of one block (pipeline.gptq._walk) as ONE Triton kernel, a candidate for walk_block on CUDA.
+
+The CUDA graph of a block (pipeline.gptq.GraphedWalk) still runs ~2k tiny kernels per block, one after another:
+9.6 s of the 1B shape's quantize stage on the H200 (bench/results/gptq_profile_before.txt), where GPTQModel's whole
+quantize takes 25.7 s with its own fused CUDA block kernel (JIT-built with nvcc on first use: ~30 s on a fresh
+machine). Rows are independent given the block's Hinv, so each program walks the 128 columns of a tile of rows
+held in registers: one launch per block.
+
+Made to give exactly the eager walk's numbers: IEEE division (div_rn, as torch's `/`), rounding half to even
+(torch.round), the fp16 product of the dequantization, and no multiply-add fusion (enable_fp_fusion=False: the
+eager update rounds the product err x h, then the difference). bench/gptq_graph.py checks it against the eager walk bit for bit
+and times it; TRITON_INTERPRET=1 runs it on the CPU (numpy) for the logic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS_PER_PROGRAM = 32
+
+
+@triton.jit
+def _rint(x):
+    """torch.round: to the nearest integer, ties to even (exact for |x| < 2**23; in plain ops, so that the numpy
+    interpreter, which lacks libdevice.rint, runs the same code)."""
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _walk_kernel(W, Hinv, S, Z, Q, C, E, rows, width, maxq, ld, ldh,
+                 RB: tl.constexpr, BW: tl.constexpr):
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    c = tl.arange(0, BW)
+    rm = r < rows
+    cm = c < width
+    tile = tl.load(W + r[:, None] * ld + c[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+    for i in range(width):
+        w = tl.sum(tl.where((c == i)[None, :], tile, 0.0), axis=1)  # column i (the rest are zeros: exact)
+        s = tl.load(S + r * ld + i, mask=rm, other=1.0)
+        z = tl.load(Z + r * ld + i, mask=rm, other=0.0)
+        q = tl.minimum(tl.maximum(_rint(tl.div_rn(w, s)) + z, 0.0), maxq)
+        dq = (s.to(tl.float16) * (q - z).to(tl.float16)).to(tl.float32)
+        err = tl.div_rn(w - dq, tl.load(Hinv + i * ldh + i))
+        h = tl.load(Hinv + i * ldh + c, mask=cm & (c >= i), other=0.0)  # columns before i are done: h = 0
+        tile = tile - err[:, None] * h[None, :]
+        tl.store(C + r * ld + i, q, mask=rm)
+        tl.store(Q + r * ld + i, dq, mask=rm)
+        tl.store(E + r * ld + i, err, mask=rm)
+
+
+def walk_block(W1: torch.Tensor, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
+               bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q1, C1, Err1) of one block's walk, as pipeline.gptq.walk_block returns them (W1 is not modified)."""
+    W1, S, Z, Hinv1 = (t.contiguous() for t in (W1, S, Z, Hinv1))
+    rows, width = W1.shape
+    Q1, C1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
+    _walk_kernel[grid](W1, Hinv1, S, Z, Q1, C1, Err1, rows, width, float(2 ** bits - 1), W1.stride(0),
+                       Hinv1.stride(0), RB=ROWS_PER_PROGRAM, BW=triton.next_power_of_2(width),
+                       enable_fp_fusion=False)
+    return Q1, C1, Err1
