@@ -191,16 +191,18 @@ class Jobs:
 
 
 T_WORKER_READY = [0.0]  # when this process was ready to take jobs (wall clock)
+RESTARTED = "GPU_TRIE_WORKER_RESTARTED"  # set in a worker's environment when it re-executes itself
 
 
 def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
     """One worker: take the ready job of the highest priority, run it, repeat until none is left. Writes each job's
     timings to <out>/gpu_trie.partial.json as it goes, its start + imports to <out>/ready.txt."""
     partial = out / "gpu_trie.partial.json"
-    if not (out / "ready.txt").exists():  # (a restarted worker keeps its first start and its rows)
+    restarted = os.environ.get(RESTARTED) == "1"  # a worker restarted after running out of memory keeps its first
+    if not restarted:                              # start and its rows
         (out / "ready.txt").write_text(json.dumps({"start_imports_s": round(T_IMPORTS, 2), "ready_at": T_WORKER_READY[0]}))
     jobs = Jobs(params, plan, root, nodes, args.max_trainings)
-    rows: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
+    rows: dict[str, dict] = json.loads(partial.read_text()) if restarted and partial.exists() else {}
     while (job := jobs.take()) is not False:
         if job is None:
             time.sleep(0.2)
@@ -214,14 +216,15 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
         except Exception as exc:  # noqa: BLE001  (recorded; the jobs that need it fail, the others go on)
             failure = f"{type(exc).__name__}: {exc}"
             del exc
-            if failure.startswith("OutOfMemoryError") and jobs.release(job):
+            # (a worker process only: with --procs 1 the driver itself runs the jobs, and restarting it starts over)
+            if args.worker and "out of memory" in failure.lower() and jobs.release(job):
                 # Out of memory beside 7 others is a matter of timing, and a process that ran out may keep its
                 # memory fragmented (stop 8: one such worker then failed every job it took, in milliseconds). The job
                 # goes back for one more try, and this worker starts over as a fresh process.
                 rows.setdefault(name, {})[f"{kind}_retried_after"] = failure[:300]
                 partial.write_text(json.dumps(rows, indent=1))
                 print(f"{kind} {name}: {failure[:200]}; released for one more try, worker restarting", flush=True)
-                os.execv(sys.executable, [sys.executable, *sys.argv])
+                os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, RESTARTED: "1"})
             jobs.finish(job, ok=False)
             rows.setdefault(name, {})[f"{kind}_error"] = failure
             print(f"{kind} {name}: FAILED {failure}", flush=True)
