@@ -33,6 +33,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gptq_profile"))
     ap.add_argument("--out", type=Path, default=Path("gptq_profile.txt"))
     ap.add_argument("--tiny", action="store_true", help="a tiny model on CPU: checks the script, measures nothing")
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "smollm2-135m"], help="model shape")
+    ap.add_argument("--calib", type=int, nargs=2, default=[64, 512], metavar=("SAMPLES", "SEQ_LEN"),
+                    help="calibration windows (the GPU profile's trie uses 128 2048)")
+    ap.add_argument("--group-size", type=int, default=128, help="GPTQ group size (64 for the 135M shape: 576 columns)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     work = args.work
@@ -40,15 +44,15 @@ def main() -> None:
     (work / "data").unlink(missing_ok=True)
     (work / "data").symlink_to(ROOT / "data")
     os.chdir(work)
-    model_dir = make_model(work / "model", "tiny" if args.tiny else "llama-3.2-1b", torch.bfloat16 if cuda else torch.float32)
-    n, length = (4, 64) if args.tiny else (64, 512)
+    model_dir = make_model(work / "model", "tiny" if args.tiny else args.shape, torch.bfloat16 if cuda else torch.float32)
+    n, length = (4, 64) if args.tiny else args.calib
     params = parse_params({
         "model": {"source": str(model_dir), "dtype": "bfloat16" if cuda else "float32", "device": "cuda" if cuda else "cpu"},
         "data": {"calibration": {"files": "data/c4-en-train-first1000/c4_sample.jsonl", "format": "json",
                                  "samples": n, "seq_len": length},
                  "domain": {"files": "data/tinyshakespeare/input.txt"},
                  "eval": {"wikitext2": {"files": "data/wikitext2-raw-v1/wiki.test.raw"}}},
-        "stages": {"gptq": {"kind": "quantize", "method": "gptq", "group_size": 128}},
+        "stages": {"gptq": {"kind": "quantize", "method": "gptq", "group_size": args.group_size}},
         "orderings": {"gptq": ["gptq"]},
     })
     run_node("base", params, evaluate=False)
@@ -67,6 +71,7 @@ def main() -> None:
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(45)
     t = io.StringIO()
     pstats.Stats(prof, stream=t).sort_stats("tottime").print_stats(25)
+    lines.insert(0, f"shape {args.shape}, calibration {n} x {length}, g{args.group_size}, {torch.cuda.get_device_name() if cuda else 'cpu'}")
     text = "\n".join(lines) + "\n" + s.getvalue() + "\n" + t.getvalue()
     args.out.write_text(text)
     print(text)

@@ -25,9 +25,11 @@ from pipeline.config import parse_params  # noqa: E402
 from pipeline.models import LM, load_lm, save_weights, train_tokenizer  # noqa: E402
 from pipeline.runner import artifact_path, run_node  # noqa: E402
 
-SHAPES = {  # Llama-3.2-1B's shape; random weights (speed does not need trained ones)
+SHAPES = {  # Llama-3.2-1B's and SmolLM2-135M's shapes; random weights (speed does not need trained ones)
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
 }

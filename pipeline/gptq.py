@@ -22,6 +22,11 @@ import torch
 
 from .hessian import Hessian
 
+try:
+    from . import gptq_triton  # Triton comes with CUDA builds of torch; the CPU wheel has none
+except ImportError:
+    gptq_triton = None
+
 
 @dataclass
 class Quantized:
@@ -112,7 +117,7 @@ def quantize_together(solvers: list[GPTQ], bits: int, group_size: int = -1, sym:
         i2 = min(i1 + blocksize, columns)
         # Each group's grid comes from W as it stands when the walk reaches the group's first column, before this
         # block's own updates (the reference's quirk). W changes only between blocks, so every grid of the block is
-        # known before its walk: per-column scale / zero, then the walk itself has no branches (CUDA-graphable).
+        # known before its walk: per-column scale / zero, then the walk itself has no branches (one kernel on CUDA).
         S, Z = [], []
         for p in range(i1, i2):
             if p % gs == 0:
@@ -147,55 +152,12 @@ def _walk(W1: torch.Tensor, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tenso
         Err1[:, i] = err
 
 
-class GraphedWalk:
-    """_walk for one (rows, width) recorded once as a CUDA graph and replayed per block. Eager, a 135M model's pass
-    is ~150k columns x a dozen tiny kernels each: bound by their launches (100-200 s a node on an H200); a replay
-    launches a block's ~2k kernels at once. Static buffers: copy in, replay, read out before the next replay."""
-
-    def __init__(self, rows: int, width: int, bits: int, device: torch.device):
-        self.bits = bits
-        z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
-        self.W1, self.Hinv1, self.S, self.Z = z(rows, width), z(width, width), z(rows, width), z(rows, width)
-        self.Q1, self.C1, self.Err1 = z(rows, width), z(rows, width), z(rows, width)
-        self.Hinv1.copy_(torch.eye(width, device=device))  # a harmless walk for the warm-up
-        self.S.fill_(1)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            self._run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._run()
-
-    def _run(self) -> None:
-        _walk(self.W1, self.Hinv1, self.S, self.Z, self.bits, self.Q1, self.C1, self.Err1)
-
-    def __call__(self, W1, Hinv1, S, Z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        for buf, x in ((self.W1, W1), (self.Hinv1, Hinv1), (self.S, S), (self.Z, Z)):
-            buf.copy_(x)
-        self.graph.replay()
-        return self.Q1, self.C1, self.Err1
-
-
-_GRAPHS: dict[tuple, GraphedWalk] = {}  # one per (rows, width, bits, device): a pass needs ~5 shapes
-
-
-def release_graphs() -> None:
-    """Free the recorded walks and their memory pools (at the end of a pass: a process may go on to other work)."""
-    for g in _GRAPHS.values():
-        g.graph.reset()
-    _GRAPHS.clear()
-
-
 def walk_block(W1: torch.Tensor, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
                bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q1, C1, Err1) of one block's walk: on CUDA replayed from a recorded graph, elsewhere eager."""
-    if W1.is_cuda:
-        key = (*W1.shape, bits, W1.device)
-        if key not in _GRAPHS:
-            _GRAPHS[key] = GraphedWalk(*W1.shape, bits, W1.device)
-        return _GRAPHS[key](W1, Hinv1, S, Z)
+    """(Q1, C1, Err1) of one block's walk (W1 is not modified): on CUDA one Triton kernel, elsewhere eager. Eager on
+    a GPU, a 135M model's pass is ~150k columns x a dozen tiny kernels each, bound by their launches."""
+    if W1.is_cuda and gptq_triton is not None:
+        return gptq_triton.walk_block(W1, Hinv1, S, Z, bits)
     W1 = W1.clone()
     Q1, C1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
     _walk(W1, Hinv1, S, Z, bits, Q1, C1, Err1)

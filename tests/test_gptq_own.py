@@ -281,3 +281,38 @@ def test_act_order_and_asym_round_trip(hybrid_node, tmp_path, setting):
     assert qc["meta"]["damp_percent"] == 0.05 and qc["meta"]["true_sequential"] is True
     assert qc["meta"]["act_group_aware"] is (not setting.get("desc_act", False) and setting["group_size"] > 0)
     assert "compress-pipeline:gptq" in qc["meta"]["quantizer"]
+
+
+_TRITON_CHECK = """
+import torch
+from pipeline import gptq, gptq_triton
+g = torch.Generator().manual_seed(0)
+for rows, width, bits in ((50, 128, 4), (40, 64, 3)):  # ragged row tiles, a partial last block
+    W = torch.randn(rows, width, generator=g) * 0.02
+    A = torch.randn(width, width, generator=g) / width
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(A @ A.T + torch.eye(width)), upper=True)
+    S, Z = gptq.grid(W, bits, False)
+    S, Z = S[:, None].expand(rows, width).contiguous(), Z[:, None].expand(rows, width).contiguous()
+    W[:, 0] = S[:, 0] * (torch.arange(rows) % 4 - 1.5)  # exact ties: rounding half to even, not half up
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got = gptq_triton.walk_block(*(t.to(dev) for t in (W, Hinv, S, Z)), bits)
+    W1 = W.clone(); want = [torch.zeros_like(W) for _ in range(3)]
+    gptq._walk(W1, Hinv, S, Z, bits, *want)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b), (rows, width, (a.cpu() - b).abs().max())
+print("ok")
+"""
+
+
+def test_triton_walk_equals_the_eager_walk(tmp_path):
+    """The block walk's Triton kernel (the pipeline's walk on CUDA) gives the eager walk's codes, weights and errors
+    bit for bit: on a GPU, else under Triton's CPU interpreter (TRITON_INTERPRET is read when a kernel is defined,
+    hence a fresh process). Skipped where Triton is not installed (the CPU torch wheel has none)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0" if torch.cuda.is_available() else "1")
+    run = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -14,8 +14,8 @@ decoder layer from a meta "shell" model in its layer loop, so hooks carrying LoR
 never fire there and it can only calibrate on the base alone. Ours walks as GPTQModel 7.6 does (true-sequential input
 groups, group-aware reordering), calibrates on the inputs the layers see with the PEFT parts active (`calibration:
 peft`) or on the base alone (`base`), and packs through GPTQModel's packer (pipeline/gptq_format.py), so the checkpoint
-is the same standard format. On a GPU it replays each block's column walk as a CUDA graph: GPTQModel's pass is
-launch-bound there, and its first use in a process JIT-builds a CUDA extension (bench/results/README.md).
+is the same standard format. On a GPU each block's column walk is one Triton kernel (pipeline/gptq_triton.py), as
+GPTQModel's is one CUDA kernel that its first use in a process JIT-builds with nvcc (bench/results/README.md).
 
 Every method returns the model "right after quantization" (for GPTQ / RTN: an fp model holding the dequantized
 integers that were packed; for GPTQModel's, converted first, because its in-process modules keep the v1 zero-point
@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import artifact, data, gptq_format
 from ..config import Params, QuantMethodCfg, QuantizeCfg, storage_format
-from ..gptq import GPTQ, Quantized, quantize_together, release_graphs
+from ..gptq import GPTQ, Quantized, quantize_together
 from ..gptq_format import gptq_config
 from ..hessian import sequential
 from ..hybrid_loader import EMBED_INT8
@@ -146,10 +146,7 @@ def gptq_pass(lm: LM, cfg: QuantMethodCfg, calib: list[torch.Tensor], true_seque
                                  percdamp=cfg.damp_percent, group_aware=group_aware)
         found.update({s.layer: q for s, q in zip(solvers, done)})
 
-    try:
-        sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit", true_sequential)
-    finally:
-        release_graphs()
+    sequential(lm, calib, GPTQ, solve, f"gptq {cfg.bits}-bit", true_sequential)
     return {n.replace(".base_layer", ""): found[m] for n, m in lm.base.named_modules() if m in found}
 
 

@@ -1,14 +1,13 @@
-"""Our GPTQ pass's column walk on GPU: eager, one linear at a time (the pass before) vs linears sharing an input
-solved as one matrix, eager and replayed from a CUDA graph per block; checks the graph gives exactly the eager
-joint walk's integers and the joint walk each linear's own.
+"""GPTQ's column walk on GPU: eager, one linear at a time (the pass of stop 7) vs linears sharing an input solved as
+one matrix, eager and as the pipeline walks on CUDA (one Triton kernel per block, pipeline/gptq_triton.py); checks
+the kernel gives exactly the eager joint walk's integers and weights, and the joint walk each linear's own.
 
-    python bench/gptq_graph.py --out bench/results/gptq_graph.json        # on the H200 (CPU: --layers 1, slow)
-
-Modes: eager, graph (pipeline.gptq.GraphedWalk) and, where Triton and CUDA are, triton (bench/gptq_triton.py).
+    python3 bench/gptq_walk.py --out $OUT/gptq_walk.json        # on the H200
 
 Shapes: one decoder layer of SmolLM2-135M and of Llama-3.2-1B (random weights, correlated random inputs: the speed of
 the walk does not depend on trained values), 4-bit g64 asym with group-aware reordering, the default gptq4; seconds
-per layer (median of 3) and for the whole model (x its layers). Prints a short table last.
+per layer (median of 3) and for the whole model (x its layers). Prints a short table last. (Until code 60012df this
+was bench/gptq_graph.py, with a third mode: the walk replayed from one CUDA graph per block.)
 """
 from __future__ import annotations
 
@@ -60,19 +59,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def triton_walk_block():
-    """bench/gptq_triton.py's one-kernel walk, or None where Triton or CUDA is missing."""
-    try:
-        import gptq_triton  # noqa: PLC0415  (bench/, on sys.path as the script's folder)
-    except ImportError:
-        return None
-    return gptq_triton.walk_block if torch.cuda.is_available() else None
-
-
 def run(mode: str, rows: list[int], cols: int, x: torch.Tensor, seed: int):
-    """(seconds, results) of one input group's walk: separate (one linear at a time) or joint; eager, graph (one
-    CUDA graph per block) or triton (one kernel per block)."""
-    gptq.walk_block = {"graph": gptq_walk_block, "triton": triton_walk_block()}.get(mode.split()[-1], eager_walk_block)
+    """(seconds, results) of one input group's walk: separate (one linear at a time) or joint; eager, or triton (the
+    pipeline's walk_block, one kernel per block)."""
+    gptq.walk_block = pipeline_walk_block if mode.endswith("triton") else eager_walk_block
     ss = solvers(rows, cols, x, seed)
     sync()
     t0 = time.perf_counter()
@@ -84,7 +74,7 @@ def run(mode: str, rows: list[int], cols: int, x: torch.Tensor, seed: int):
     return time.perf_counter() - t0, res
 
 
-gptq_walk_block = gptq.walk_block
+pipeline_walk_block = gptq.walk_block
 
 
 def main() -> None:
@@ -94,8 +84,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    modes = (["separate eager", "joint eager"] + (["joint graph"] if device.type == "cuda" else [])
-             + (["joint triton"] if triton_walk_block() else []))
+    modes = ["separate eager", "joint eager"] + (["joint triton"] if device.type == "cuda" and gptq.gptq_triton else [])
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "setting": "4-bit g64 asym, GAR, damp 0.05, blocksize 128", "shapes": {}}
     for shape in args.shapes:
@@ -108,16 +97,13 @@ def main() -> None:
             x = torch.randn(4096, cols, generator=g, device=device) @ mix
             results = {}
             for m in modes:
-                run(m, rows, cols, x, gi)  # warm-up (and the graph's recording)
+                run(m, rows, cols, x, gi)  # warm-up (and the kernel's compilation)
                 times = []
                 for _ in range(args.repeats):
                     t, results[m] = run(m, rows, cols, x, gi)
                     times.append(t)
                 per_mode[m] += statistics.median(times)
-            # exactness: the graph replays the eager joint walk; the joint walk is each linear's own walk
-            same_graph = "joint graph" not in results or all(
-                torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
-                for a, b in zip(results["joint graph"], results["joint eager"]))
+            # exactness: the kernel gives the eager joint walk's numbers; the joint walk is each linear's own walk
             same_triton = "joint triton" not in results or all(
                 torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
                 for a, b in zip(results["joint triton"], results["joint eager"]))
@@ -125,8 +111,7 @@ def main() -> None:
                                         zip(results.get("joint triton", []), results["joint eager"]))
             codes_joint_vs_separate = sum(int((a.codes != b.codes).sum()) for a, b in
                                           zip(results["joint eager"], results["separate eager"]))
-            checks.append({"rows": rows, "cols": cols, "graph_equals_eager": same_graph,
-                           "triton_equals_eager": same_triton, "codes_differing_triton_vs_eager": codes_triton_vs_eager,
+            checks.append({"rows": rows, "cols": cols, "triton_equals_eager": same_triton, "codes_differing_triton_vs_eager": codes_triton_vs_eager,
                            "codes_differing_joint_vs_separate": codes_joint_vs_separate,
                            "codes": sum(r * cols for r in rows)})
         out["shapes"][shape] = {"layers": layers, "per_layer_s": {m: round(v, 4) for m, v in per_mode.items()},
@@ -134,7 +119,7 @@ def main() -> None:
                                 "speedup_vs_separate_eager": {m: round(per_mode["separate eager"] / v, 2)
                                                               for m, v in per_mode.items()},
                                 "checks": checks}
-    gptq.walk_block = gptq_walk_block
+    gptq.walk_block = pipeline_walk_block
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
@@ -143,8 +128,7 @@ def main() -> None:
         for m in modes:
             print(f"{shape:14s} {m:16s} {r['per_layer_s'][m]:8.3f} {r['model_s'][m]:8.1f} "
                   f"{r['speedup_vs_separate_eager'][m]:10.2f}")
-        print(f"{shape:14s} checks: " + "; ".join(f"{c['rows']}x{c['cols']}: graph==eager {c['graph_equals_eager']}, "
-                                                  f"triton==eager {c['triton_equals_eager']} "
+        print(f"{shape:14s} checks: " + "; ".join(f"{c['rows']}x{c['cols']}: triton==eager {c['triton_equals_eager']} "
                                                   f"({c['codes_differing_triton_vs_eager']} codes differ), "
                                                   f"codes joint!=separate {c['codes_differing_joint_vs_separate']}"
                                                   f"/{c['codes']}" for c in r["checks"]))
