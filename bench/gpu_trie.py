@@ -115,8 +115,8 @@ class Jobs:
     creating its claim file (O_EXCL: exactly one worker gets it), done when its .done file appears, failed when its
     .failed file does (then every job that needs it fails too)."""
 
-    def __init__(self, params, plan, root: Path, nodes: list[str], max_trainings: int = 0):
-        self.plan, self.root, self.dir = plan, root, root / "procs" / "claims"
+    def __init__(self, params, plan, root: Path, nodes: list[str], max_trainings: int = 0, me: str = ""):
+        self.plan, self.root, self.dir, self.me = plan, root, root / "procs" / "claims", me
         self.prio = priorities(params, plan)
         self.nodes = set(nodes)
         self.jobs = sorted(((k, n) for n in nodes for k in ("build", "eval")), key=lambda j: -self.prio[j])
@@ -165,7 +165,7 @@ class Jobs:
             state = self.state(job)
             if state == "failed" and not self._file(job).exists() and self.claim(job):
                 self._file(job, ".failed").touch()  # what it needs failed: nobody will run it
-            elif state == "ready" and self.may_start(job) and self.claim(job):
+            elif state == "ready" and not self.held_for_another(job) and self.may_start(job) and self.claim(job):
                 return job
             left = left or state in ("ready", "waiting")
         return None if left else False
@@ -178,18 +178,33 @@ class Jobs:
             return False
 
     def release(self, job: tuple[str, str]) -> bool:
-        """Give a taken job back for one more try (its claim removed); False if it had its retry already."""
+        """Give a taken job back for one more try (its claim removed), held for this worker restarted as a fresh
+        process (see held_for_another); False if it had its retry already."""
         try:
-            os.close(os.open(self._file(job, ".retried"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(self._file(job, ".retried"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
+        os.write(fd, self.me.encode())
+        os.close(fd)
         self._file(job).unlink()
         return True
+
+    def held_for_another(self, job: tuple[str, str]) -> bool:
+        """A job given back after running out of memory waits RETRY_HOLD_S for the worker that released it, which
+        restarts as a fresh process: in s8 another worker, its memory fragmented by the jobs it had run, took the
+        retry and ran out again. After that (the restart failed?) any worker may take it."""
+        marker = self._file(job, ".retried")
+        try:
+            owner, age = marker.read_text(), time.time() - marker.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return owner != self.me and age < RETRY_HOLD_S
 
     def finish(self, job: tuple[str, str], ok: bool) -> None:
         self._file(job, ".done" if ok else ".failed").touch()
 
 
+RETRY_HOLD_S = 60.0  # how long a job given back after out of memory waits for its restarted worker
 T_WORKER_READY = [0.0]  # when this process was ready to take jobs (wall clock)
 RESTARTED = "GPU_TRIE_WORKER_RESTARTED"  # set in a worker's environment when it re-executes itself
 
@@ -201,7 +216,7 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
     restarted = os.environ.get(RESTARTED) == "1"  # a worker restarted after running out of memory keeps its first
     if not restarted:                              # start and its rows
         (out / "ready.txt").write_text(json.dumps({"start_imports_s": round(T_IMPORTS, 2), "ready_at": T_WORKER_READY[0]}))
-    jobs = Jobs(params, plan, root, nodes, args.max_trainings)
+    jobs = Jobs(params, plan, root, nodes, args.max_trainings, me=out.name)
     rows: dict[str, dict] = json.loads(partial.read_text()) if restarted and partial.exists() else {}
     while (job := jobs.take()) is not False:
         if job is None:
@@ -220,7 +235,7 @@ def work(args, params, plan, root: Path, nodes: list[str], out: Path) -> None:
             if args.worker and "out of memory" in failure.lower() and jobs.release(job):
                 # Out of memory beside 7 others is a matter of timing, and a process that ran out may keep its
                 # memory fragmented (stop 8: one such worker then failed every job it took, in milliseconds). The job
-                # goes back for one more try, and this worker starts over as a fresh process.
+                # goes back for one more try, held for this worker, which starts over as a fresh process.
                 rows.setdefault(name, {})[f"{kind}_retried_after"] = failure[:300]
                 partial.write_text(json.dumps(rows, indent=1))
                 print(f"{kind} {name}: {failure[:200]}; released for one more try, worker restarting", flush=True)

@@ -4,17 +4,21 @@
 # as N worker processes sharing the GPU with a memory cap each; the base's conversion from GGUF is the base build
 # job (on a fresh machine, so inside the wall time). MPS=1: through an MPS server of our own (pipe and log dirs
 # under /tmp, stopped at the end), so the workers' kernels run side by side instead of taking turns.
-#   bash bench/gpu_trie_session.sh /tmp/s2 8 0.11            # results in /tmp/s2/trie, wall time in /tmp/s2/wall.txt
+#   MPS=1 bash bench/gpu_trie_session.sh /tmp/s9 12 0.09      # results in /tmp/s9/trie, wall time in /tmp/s9/wall.txt
 set -u
 R=${1:-/tmp/s2}
-PROCS=${2:-8}
-FRAC=${3:-0.11}
+PROCS=${2:-12}
+FRAC=${3:-0.09}
 LIMIT=${LIMIT:-540}
 mkdir -p "$R"
 export PYTHONPATH=/tmp/site COMPRESS_CACHE=${COMPRESS_CACHE:-/tmp/cc}
 # GPTQModel's packer JIT-builds a C++ extension on its first use on a machine (~90 s of every GPTQ node here, the
 # processes waiting on one build); its vectorized torch path packs a layer in milliseconds
 export GPTQMODEL_DISABLE_PACK_EXT=1
+# Memory caps fail on fragmentation, not on need: in s7 / s8 the trainings that ran out held 2.3-4.6 GiB reserved but
+# unallocated. Expandable segments let the allocator grow and shrink segments instead (bench/results/train_alloc.json:
+# CUDA-graph training runs under them, same losses)
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 MPS_ON=0
 if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log

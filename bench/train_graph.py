@@ -47,15 +47,18 @@ def run(name: str, args, device: torch.device, dtype: torch.dtype, stream: torch
     trainable = add_peft(lm, cfg, args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     res = train(lm, trainable, cfg, stream, args.seed, heldout)
     wall = time.perf_counter() - t
+    # what the caching allocator held at most (allocated + cached + graph pools): what a memory cap must admit
+    reserved = round(torch.cuda.max_memory_reserved() / 2**20, 1) if device.type == "cuda" else None
     del lm, trainable
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"config": config, "mode": mode, "wall_s": round(wall, 2), **{k: res[k] for k in (
         "seconds", "tokens_per_s", "peak_memory_mb", "loss_impl", "cuda_graph", "loss_first", "loss_last")},
-        "heldout": [c["heldout_loss"] for c in res["curve"]]}
+        "peak_reserved_mb": reserved, "heldout": [c["heldout_loss"] for c in res["curve"]]}
 
 
 def main() -> None:
