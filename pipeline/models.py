@@ -146,7 +146,7 @@ class LM:
         head = self.base.get_output_embeddings()
         config = self.base.config
         peft_cfgs = getattr(self.model, "peft_config", {}) or {}
-        return (isinstance(head, nn.Linear) and head.bias is None and dense_weight(head) is None
+        return (isinstance(head, nn.Linear) and head.bias is None and not is_quantized(head)
                 and head.weight.is_floating_point()
                 and not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
                 and not any(getattr(c, "is_prompt_learning", False) for c in peft_cfgs.values()))
@@ -311,20 +311,36 @@ def load_source(cfg: ModelCfg, device: torch.device) -> tuple[nn.Module, object]
 
 
 # ---------------------------------------------------------------- artifacts
+def _quantized_kind(mod: nn.Module) -> str | None:
+    """nf4 | int8 | gptq for a quantized linear (bitsandbytes 4-bit / LLM.int8, GPTQModel's or RTN's packed
+    modules), None for plain modules: a type check, nothing dequantized."""
+    if type(mod).__module__.startswith("bitsandbytes"):
+        return {"Linear4bit": "nf4", "Linear8bitLt": "int8"}.get(type(mod).__name__)
+    if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
+        return "gptq"
+    return None
+
+
+def is_quantized(mod: nn.Module) -> bool:
+    """Whether `mod` is a quantized linear, i.e. dense_weight(mod) is not None (without dequantizing it)."""
+    return _quantized_kind(mod) is not None
+
+
 def dense_weight(mod: nn.Module) -> torch.Tensor | None:
     """The fp weight of a quantized linear (NF4, LLM.int8 or GPTQ / RTN); None for plain modules."""
-    if type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes"):
+    kind = _quantized_kind(mod)
+    if kind == "nf4":
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
-    if type(mod).__name__ == "Linear8bitLt" and type(mod).__module__.startswith("bitsandbytes"):
+    if kind == "int8":
         import bitsandbytes.functional as bnbf
 
         # LLM.int8 rows: int8 * SCB / 127 (per output row); outliers are a matmul-time split, not stored
         # the row scales sit on the weight after quantizing, on the module state after a load
         scb = mod.weight.SCB if getattr(mod.weight, "SCB", None) is not None else mod.state.SCB
         return bnbf.int8_vectorwise_dequant(mod.weight.data, scb).float()
-    if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
+    if kind == "gptq":
         return mod.dequantize_weight().T  # GPTQModel returns [in, out]
     return None
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .. import artifact, data, stats
 from ..config import Params
-from ..models import LM, dense_weight, load_lm
+from ..models import LM, dense_weight, is_quantized, load_lm
 
 
 CE_CHUNK_TOKENS = 4096  # fp32 logits of 4k tokens over a 49k vocabulary: 0.8 GB, not 3.2 GB for 32 x 512
@@ -116,7 +116,7 @@ def bitmask_bytes(lm: LM, size: dict, n_params: int) -> int | None:
     eb = round(size["weight_bytes"] / n_params)  # bytes per value as stored (fp32 / bf16), not as computed here
     saved = 0
     for lin in block_linears(lm.base).values():
-        if dense_weight(lin) is not None or not lin.weight.is_floating_point() or eb < 2:
+        if is_quantized(lin) or not lin.weight.is_floating_point() or eb < 2:
             return None
         w = lin.weight
         saved += w.numel() * eb - (int((w != 0).sum()) * eb + math.ceil(w.numel() / 8))

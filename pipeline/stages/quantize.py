@@ -42,7 +42,7 @@ from ..gptq import GPTQ, Quantized, quantize_together
 from ..gptq_format import gptq_config
 from ..hessian import sequential
 from ..hybrid_loader import EMBED_INT8
-from ..models import LM, dense_weight, device_of, dtype_of, load_base, load_lm, save_weights
+from ..models import LM, dense_weight, device_of, dtype_of, is_quantized, load_base, load_lm, save_weights
 
 # The check is on weights: the reloaded checkpoint must dequantize to exactly the quantized weights. Logits are only
 # recorded: the kernels a load picks compute differently from the dense reference (GPTQModel's CPU int4 kernel,
@@ -207,7 +207,7 @@ def probe_ids(tokenizer, params: Params) -> torch.Tensor:
 def _quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The quantized linears by name. The GPTQ reference is a plain fp copy: its decoder-block linears (all that
     GPTQModel quantizes) stand for the quantized ones."""
-    found = {n: m for n, m in model.named_modules() if dense_weight(m) is not None}
+    found = {n: m for n, m in model.named_modules() if is_quantized(m)}
     return found or {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
 
 
