@@ -2,13 +2,14 @@
 
 Eager, a block's walk is 128 columns x a dozen tiny kernels; even replayed from a CUDA graph, ~2k kernels run one
 after another (9.0 s of the Llama-3.2-1B shape's walk on an H200). Rows are independent given the block's Hinv, so
-each program walks the block's columns over a tile of rows held in registers: one launch per block (2.7 s there,
-bench/results/gptq_graph.json). GPTQModel does the same with an nvcc-built CUDA kernel (gptq_cuda.gptq_block_update).
+each program walks the block's columns over a tile of rows held in registers: one launch per block (2.8 s there,
+bench/results/gptq_walk.json). GPTQModel does the same with an nvcc-built CUDA kernel (gptq_cuda.gptq_block_update).
 
 Made to give exactly the eager walk's numbers: IEEE division (div_rn, as torch's `/`), rounding half to even
 (torch.round), the fp16 product of the dequantization, and no multiply-add fusion (enable_fp_fusion=False: the
 eager update rounds the product err x h, then the difference). Bit-identical to the eager walk on the H200
-(bench/gptq_graph.py) and under TRITON_INTERPRET=1 on the CPU (tests/test_gptq_triton.py, where Triton is installed).
+(bench/gptq_walk.py) and under TRITON_INTERPRET=1 on the CPU (test_triton_walk_equals_the_eager_walk in
+tests/test_gptq_own.py, where Triton is installed).
 Triton ships with CUDA builds of torch; the CPU wheel has none, and pipeline.gptq then walks eagerly.
 """
 from __future__ import annotations
