@@ -36,8 +36,10 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "smollm2-135m"], help="model shape")
     ap.add_argument("--calib", type=int, nargs=2, default=[64, 512], metavar=("SAMPLES", "SEQ_LEN"),
                     help="calibration windows (the GPU profile's trie uses 128 2048)")
-    ap.add_argument("--group-size", type=int, default=128, help="GPTQ group size (64 for the 135M shape: 576 columns)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="GPTQ group size (default 128; 64 for the 135M shape, whose 576 columns 128 does not divide)")
     args = ap.parse_args()
+    args.group_size = args.group_size or (64 if args.shape == "smollm2-135m" else 128)
     cuda = torch.cuda.is_available() and not args.tiny
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,9 @@ class Jobs:
         """The ready job of the highest priority, now claimed by this process; None: nothing is ready yet; False:
         nothing is left to take."""
         left = False
+        for job in self.jobs:  # first a job this worker gave back after out of memory (its slot was already granted)
+            if self.state(job) == "ready" and self.held_for(job) == self.me and self.claim(job):
+                return job
         for job in self.jobs:
             state = self.state(job)
             if state == "failed" and not self._file(job).exists() and self.claim(job):
@@ -189,16 +192,20 @@ class Jobs:
         self._file(job).unlink()
         return True
 
-    def held_for_another(self, job: tuple[str, str]) -> bool:
-        """A job given back after running out of memory waits RETRY_HOLD_S for the worker that released it, which
-        restarts as a fresh process: in s8 another worker, its memory fragmented by the jobs it had run, took the
-        retry and ran out again. After that (the restart failed?) any worker may take it."""
+    def held_for(self, job: tuple[str, str]) -> str | None:
+        """The worker a job given back after running out of memory waits for (RETRY_HOLD_S): the one that released
+        it, restarting as a fresh process, which takes it before anything else. In s8 another worker, its memory
+        fragmented by the jobs it had run, took the retry and ran out again. After the hold (the restart failed?)
+        any worker may take it."""
         marker = self._file(job, ".retried")
         try:
             owner, age = marker.read_text(), time.time() - marker.stat().st_mtime
         except FileNotFoundError:
-            return False
-        return owner != self.me and age < RETRY_HOLD_S
+            return None
+        return owner if age < RETRY_HOLD_S else None
+
+    def held_for_another(self, job: tuple[str, str]) -> bool:
+        return self.held_for(job) not in (None, self.me)
 
     def finish(self, job: tuple[str, str], ok: bool) -> None:
         self._file(job, ".done" if ok else ".failed").touch()

@@ -14,6 +14,8 @@ Triton ships with CUDA builds of torch; the CPU wheel has none, and pipeline.gpt
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,9 @@ def walk_block(W1: torch.Tensor, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.
     rows, width = W1.shape
     Q1, C1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-    _walk_kernel[grid](W1, Hinv1, S, Z, Q1, C1, Err1, rows, width, float(2 ** bits - 1), W1.stride(0),
-                       Hinv1.stride(0), RB=ROWS_PER_PROGRAM, BW=triton.next_power_of_2(width),
-                       enable_fp_fusion=False)
+    # (a launch goes to the current CUDA device: make it the tensors'; the CPU interpreter has none)
+    with torch.cuda.device(W1.device) if W1.is_cuda else contextlib.nullcontext():
+        _walk_kernel[grid](W1, Hinv1, S, Z, Q1, C1, Err1, rows, width, float(2 ** bits - 1), W1.stride(0),
+                           Hinv1.stride(0), RB=ROWS_PER_PROGRAM, BW=triton.next_power_of_2(width),
+                           enable_fp_fusion=False)
     return Q1, C1, Err1

@@ -287,16 +287,20 @@ _TRITON_CHECK = """
 import torch
 from pipeline import gptq, gptq_triton
 g = torch.Generator().manual_seed(0)
-for rows, width, bits in ((50, 128, 4), (40, 64, 3)):  # ragged row tiles, a partial last block
-    W = torch.randn(rows, width, generator=g) * 0.02
-    A = torch.randn(width, width, generator=g) / width
-    Hinv = torch.linalg.cholesky(torch.linalg.inv(A @ A.T + torch.eye(width)), upper=True)
-    S, Z = gptq.grid(W, bits, False)
-    S, Z = S[:, None].expand(rows, width).contiguous(), Z[:, None].expand(rows, width).contiguous()
+# ragged row tiles (not multiples of the kernel's 32), a width that is no power of 2 (padded columns), slices of larger
+# matrices as quantize_together passes them (W[:, i1:i2], Hinv[i1:i2, i1:i2]), a grid per group of 16 columns
+for rows, width, bits in ((50, 128, 4), (40, 80, 3)):
+    Wbig = torch.randn(rows, width + 40, generator=g) * 0.02
+    A = torch.randn(width + 40, width + 40, generator=g) / width
+    Hbig = torch.linalg.cholesky(torch.linalg.inv(A @ A.T + torch.eye(width + 40)), upper=True)
+    W, Hinv = Wbig[:, 20:20 + width], Hbig[20:20 + width, 20:20 + width]
+    grids = [gptq.grid(W[:, c:c + 16], bits, False) for c in range(0, width, 16)]
+    S = torch.stack([grids[c // 16][0] for c in range(width)], 1)
+    Z = torch.stack([grids[c // 16][1] for c in range(width)], 1)
     W[:, 0] = S[:, 0] * (torch.arange(rows) % 4 - 1.5)  # exact ties: rounding half to even, not half up
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     got = gptq_triton.walk_block(*(t.to(dev) for t in (W, Hinv, S, Z)), bits)
-    W1 = W.clone(); want = [torch.zeros_like(W) for _ in range(3)]
+    W1 = W.clone(); want = [torch.zeros_like(W1) for _ in range(3)]
     gptq._walk(W1, Hinv, S, Z, bits, *want)
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b), (rows, width, (a.cpu() - b).abs().max())

@@ -47,3 +47,12 @@ def test_a_held_retry_goes_to_any_worker_once_its_hold_is_over(tmp_path, monkeyp
     assert jobs.release(first)
     monkeypatch.setattr(gpu_trie, "RETRY_HOLD_S", 0.0)  # the released worker did not come back in time
     assert other.take() == first
+
+
+def test_a_restarted_worker_takes_its_released_job_before_any_other(tmp_path):
+    jobs, other = _jobs(tmp_path), _jobs(tmp_path, me="p01")
+    jobs.finish(jobs.take(), ok=True)  # the base: now its children's builds, of higher priority, are ready
+    evaluation = ("eval", "base")  # the lowest priority of all
+    assert jobs.claim(evaluation) and jobs.release(evaluation)
+    assert other.take() != evaluation  # held for p00
+    assert jobs.take() == evaluation  # p00, restarted, takes it back before the builds
