@@ -25,6 +25,27 @@ if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
     nvidia-cuda-mps-control -d && MPS_ON=1
 fi
+# expandable segments map memory through CUDA's virtual memory API: checked here under the same MPS setting (a
+# failure would fail every worker), dropped with a note if it does not work
+if ! python3 - > "$R/alloc_check.txt" 2>&1 <<'PY'
+import gc
+import torch
+x = [torch.empty(2**28, device="cuda") for _ in range(4)]  # 4 GiB, freed and handed back
+del x
+gc.collect()
+torch.cuda.empty_cache()
+y, g = torch.zeros(8, device="cuda"), torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):  # what the trainings record
+    y.add_(1)
+g.replay()
+torch.cuda.synchronize()
+assert y.sum().item() == 8, y
+print("allocator check ok:", torch.cuda.memory_reserved())
+PY
+then
+    echo "PYTORCH_ALLOC_CONF=$PYTORCH_ALLOC_CONF failed its check (alloc_check.txt): running without it" | tee -a "$R/alloc_check.txt"
+    unset PYTORCH_ALLOC_CONF
+fi
 T0=$(date +%s.%N)
 timeout "$LIMIT" python3 bench/gpu_trie.py --params params-gpu.yaml --root /tmp/runs/gpu --out "$R/trie" --procs "$PROCS" \
     --mem-fraction "$FRAC" --no-anchor > "$R/trie.log" 2>&1
