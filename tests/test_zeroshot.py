@@ -323,3 +323,29 @@ def test_loglikelihood_rolling_sums_every_token(tiny_model):
             n_pred += len(pred)
     assert n_pred == len(toks) > 80
     assert got == pytest.approx(ref, abs=1e-3)
+
+
+def test_encodings_are_shared_across_nodes_with_equal_tokenizers_only(tiny_model, monkeypatch, requests_):
+    """A process evaluating several nodes encodes each context / continuation once per tokenizer definition: a second
+    node's harness (its own tokenizer object, loaded from its own artifact) encodes nothing again and gets the same ids
+    and scores; a tokenizer that encodes differently gets its own entries."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(zeroshot, "_ENCODED", {})
+    lm = _lm(tiny_model)
+    first = zeroshot.HarnessLM(lm).loglikelihood(requests_, disable_tqdm=True)
+    cached = len(zeroshot._ENCODED)
+    assert cached > 0
+    lm.tokenizer = AutoTokenizer.from_pretrained(tiny_model)  # another node: an equal tokenizer, a new object
+    calls = []
+    real = type(lm.tokenizer).encode
+    monkeypatch.setattr(type(lm.tokenizer), "encode", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    h = zeroshot.HarnessLM(lm)
+    assert h.loglikelihood(requests_, disable_tqdm=True) == first and calls == []
+    text = requests_[0].args[0]
+    assert h.tok_encode(text) == real(lm.tokenizer, text)  # what it would encode, as a list the caller may change
+    h.tok_encode(text).append(-1)
+    assert h.tok_encode(text) == real(lm.tokenizer, text)
+    other = AutoTokenizer.from_pretrained(tiny_model)
+    other.backend_tokenizer.add_tokens([text.split()[0] + "zz"])  # a different definition: never served these ids
+    assert zeroshot._tokenizer_key(other) != h._tokenizer_key
