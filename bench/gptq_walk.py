@@ -111,7 +111,8 @@ def main() -> None:
                                         zip(results.get("joint triton", []), results["joint eager"]))
             codes_joint_vs_separate = sum(int((a.codes != b.codes).sum()) for a, b in
                                           zip(results["joint eager"], results["separate eager"]))
-            checks.append({"rows": rows, "cols": cols, "triton_equals_eager": same_triton, "codes_differing_triton_vs_eager": codes_triton_vs_eager,
+            checks.append({"rows": rows, "cols": cols, "triton_equals_eager": same_triton,
+                           "codes_differing_triton_vs_eager": codes_triton_vs_eager,
                            "codes_differing_joint_vs_separate": codes_joint_vs_separate,
                            "codes": sum(r * cols for r in rows)})
         out["shapes"][shape] = {"layers": layers, "per_layer_s": {m: round(v, 4) for m, v in per_mode.items()},
